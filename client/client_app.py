@@ -1,0 +1,105 @@
+"""The site's ClientApp: a legacy NumPyClient so SecAgg+ (``secaggplus_mod``) can wrap it.
+
+What leaves the site: the model's shared weights (masked under SecAgg+), a weight of 1 (sites are averaged
+uniformly: an exact example count would itself leak the site's size outside the DP mechanism), and public
+metrics about its privacy spend. A refused round raises, so nothing but the reason leaves.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.client import ClientApp, NumPyClient
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Context
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from fedsynth.config import RunConfig
+from models import build_generator
+
+from .site import RoundRefused, Site, SiteConfig
+from .trainer import mean_loss, train_private
+
+log = logging.getLogger("fedsynth.client")
+
+
+class SiteClient(NumPyClient):
+    def __init__(self, node_config: dict):
+        self.node_config = dict(node_config)
+
+    def _open(self, config: dict) -> tuple[RunConfig, Site, int]:
+        run = RunConfig.from_flower(config, source="server request")
+        site = Site(SiteConfig.from_node_config(self.node_config, run), run.resolution, run.num_classes)
+        return run, site, int(config.get("server-round", 0))
+
+    def _model(self, run: RunConfig, parameters: list[np.ndarray]):
+        model = build_generator(run.model, **run.model_kwargs())
+        model.load_shared_weights(parameters)
+        return model
+
+    def fit(self, parameters, config):
+        run, site, rnd = self._open(config)
+        try:
+            plan = site.check_round(run, rnd)  # before any gradient is computed
+        except RoundRefused as exc:
+            site.refuse(run, rnd, str(exc))
+            raise
+        model = self._model(run, parameters)
+        result = train_private(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
+                               sample_rate=plan["sample_rate"], steps=plan["steps_per_round"], lr=run.lr,
+                               seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
+                               accountant=plan["accountant"])
+        weights = list(model.shared_weights().values())
+        bad = [i for i, w in enumerate(weights) if not np.isfinite(w).all()]
+        if bad:  # never send NaN weights; the round is not charged since nothing leaves
+            raise RuntimeError(f"{site.config.name}: training produced non-finite weights in {len(bad)} arrays")
+        limit = float(config.get("secagg-clipping-range", np.inf))
+        peak = max(float(np.abs(w).max()) for w in weights)
+        if peak >= limit:
+            raise RuntimeError(f"{site.config.name}: a weight of magnitude {peak:.3g} would be clipped by "
+                               f"SecAgg+ (clipping range ±{limit:g})")
+        entry = site.charge(run, rnd, plan, result.history)
+        log.info("%s round %d: %d DP steps, σ=%.3f, ε=%.3f", site.config.name, rnd, result.steps,
+                 plan["sigma"], entry["epsilon_after"])
+        metrics = {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": result.steps,
+                   "train-loss": result.metrics["train_loss"]}
+        return weights, 1, metrics
+
+    def evaluate(self, parameters, config):
+        """Holdout loss of the global model, plus whether this site can pay for the next round."""
+        run, site, rnd = self._open(config)
+        next_round = rnd + 1
+        ok, reason = True, ""
+        if next_round <= run.rounds:
+            try:
+                site.check_round(run, next_round)
+            except RoundRefused as exc:
+                ok, reason = False, str(exc)
+                site.refuse(run, next_round, reason)
+        model = self._model(run, parameters)
+        loss = mean_loss(model, site.holdout) if site.holdout is not None and len(site.holdout) else 0.0
+        n = len(site.holdout) if site.holdout is not None else 0
+        status = site.status(run)
+        metrics = {**status, "next-round-ok": ok, "next-round-reason": reason, "holdout-loss": loss}
+        return float(loss), max(n, 1), metrics
+
+
+def hash_name(name: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))  # stable across processes, unlike hash()
+
+
+def client_fn(context: Context):
+    torch.set_num_threads(1)  # one thread per simulated site; the machine's cores are shared
+    return SiteClient(context.node_config).to_client()
+
+
+def secure_aggregation_mod(msg, ctxt, call_next):
+    """SecAgg+ when the server runs it; plain FedAvg messages pass straight through (one code path)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    return secaggplus_mod(msg, ctxt, call_next)
+
+
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

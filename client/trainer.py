@@ -1,0 +1,70 @@
+"""Local DP-SGD at a site: Poisson sampling at rate q, per-image clipping to C, Gaussian noise σ·C.
+
+Built from Opacus' parts directly (GradSampleModule, DPOptimizer, DPDataLoader, an accountant) rather than
+``make_private`` so the sampling rate the accountant sees is exactly the q the site planned with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import TensorDataset
+
+from models import Generator
+
+from .data import ImageDataset
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[tuple[float, float, int]]  # what the Opacus accountant recorded: (σ, q, steps)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: float, sample_rate: float,
+                  steps: int, lr: float, seed: int, accountant: str = "prv") -> TrainResult:
+    """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place."""
+    torch.manual_seed(seed)
+    module = model.private_module()
+    dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
+    loader = DPDataLoader(dataset, sample_rate=sample_rate,
+                          generator=torch.Generator().manual_seed(seed))
+    private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.Adam(module.parameters(), lr=lr), noise_multiplier=sigma,
+                            max_grad_norm=clip, expected_batch_size=max(1, round(sample_rate * len(data))),
+                            loss_reduction="mean")
+    acc = create_accountant(mechanism=accountant)
+    optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
+    losses, done = [], 0
+    model.train()
+    try:
+        while done < steps:
+            for x, y in loader:
+                losses.append(model.train_step(private, optimizer, x, y)["loss"])
+                done += 1
+                if done == steps:
+                    break
+    finally:
+        private.to_standard_module()  # drop Opacus hooks and per-sample grads before sharing
+    model.eval()
+    if done != sum(n for _, _, n in acc.history):
+        raise RuntimeError(f"DP trainer: took {done} steps but the accountant recorded {acc.history}")
+    return TrainResult(steps=done, history=[tuple(h) for h in acc.history],
+                       metrics={"train_loss": float(np.mean(losses[-max(1, len(losses) // 4):]))})
+
+
+@torch.no_grad()
+def mean_loss(model: Generator, data: ImageDataset, batch_size: int = 512) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(data), batch_size):
+        x = torch.from_numpy(data.images[i:i + batch_size])
+        y = torch.from_numpy(data.labels[i:i + batch_size])
+        total += float(model.loss(x, y).sum())
+    return total / max(1, len(data))

@@ -1,0 +1,100 @@
+"""The one run configuration: built from the CLI (or Flower's run_config), sent to every site each round.
+
+Flower carries it as a flat dict of scalars with kebab-case keys (``to_flower`` / ``from_flower``); nothing
+deeper in the code re-parses strings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "simulations" / "data" / "pneumoniamnist.npz"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str = "run"
+    model: str = "vae"
+    rounds: int = 5
+    sites: int = 3
+    # Privacy: the site's budget for everything it ever releases, and the mechanism's knobs.
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    sample_rate: float = 0.1
+    local_epochs: float = 3.0
+    accountant: str = "prv"
+    # Model and optimizer.
+    lr: float = 2e-3
+    latent_dim: int = 16
+    width: int = 32
+    num_classes: int = 2
+    channels: int = 1
+    resolution: int = 28
+    # Federation.
+    secure: bool = True
+    partition: str = "dirichlet:1.0"
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    data_path: str = ""
+    state_dir: str = "state"
+    out_dir: str = "runs"
+
+    def __post_init__(self):
+        checks = [
+            (self.rounds >= 1, "rounds", "an integer ≥ 1"),
+            (self.sites >= 1, "sites", "an integer ≥ 1"),
+            (self.epsilon > 0, "epsilon", "a number > 0"),
+            (0 < self.delta < 1, "delta", "a number in (0, 1)"),
+            (self.clip > 0, "clip", "a number > 0"),
+            (0 < self.sample_rate <= 1, "sample-rate", "a number in (0, 1]"),
+            (self.local_epochs > 0, "local-epochs", "a number > 0"),
+            (self.accountant in ("prv", "rdp"), "accountant", "prv or rdp"),
+            (self.lr > 0, "lr", "a number > 0"),
+            (0 <= self.holdout_fraction < 1, "holdout-fraction", "a number in [0, 1)"),
+            (self.resolution % 4 == 0, "resolution", "a multiple of 4"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"run config: {name} must be {expected}, got {getattr(self, name.replace('-', '_'))!r}")
+
+    @property
+    def data_file(self) -> Path:
+        return Path(self.data_path) if self.data_path else DEFAULT_DATA
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_id
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(num_classes=self.num_classes, channels=self.channels, resolution=self.resolution,
+                    latent_dim=self.latent_dim, width=self.width)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_flower(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flower(cls, values: dict[str, Any], source: str = "run config") -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                continue  # Flower adds its own keys (e.g. the server round) beside ours
+            want = known[name].type
+            try:
+                kwargs[name] = {"int": int, "float": float, "str": str}.get(want, lambda v: v)(value)
+                if want == "bool":
+                    kwargs[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {key} must be {want}, got {value!r}") from None
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

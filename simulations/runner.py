@@ -1,0 +1,122 @@
+"""``fedsynth simulate``: N simulated hospitals on one machine through Flower's Simulation Engine (Ray).
+
+The runner plays the part of the hospitals' IT: it splits one data set into per-site folders
+(``STATE_DIR/site-K/data.npz``, train + local holdout), then starts the real ServerApp and ClientApps.
+Each site's ledger lives beside its data and survives across runs that share ``--state-dir``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.data import ImageDataset, load_dataset, save_npz
+from fedsynth.config import RunConfig
+from models import build_generator
+from models.classifier import SmallCNN, train_classifier
+from server.checkpoint import load_weights, save_weights, write_json
+
+from .partition import partition_sites, partition_table
+
+log = logging.getLogger("fedsynth.simulate")
+
+
+def prepare_sites(run: RunConfig, data: ImageDataset) -> str:
+    parts = partition_sites(data.labels, run.sites, run.partition, run.seed, run.holdout_fraction)
+    for k, part in enumerate(parts):
+        holdout = data.subset(part.holdout) if len(part.holdout) else None
+        save_npz(Path(run.state_dir) / f"site-{k}" / "data.npz", data.subset(part.train), holdout)
+    return partition_table(data.labels, parts, data.classes)
+
+
+def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
+    """Run a whole simulated federation; returns the run folder."""
+    from flwr.simulation import run_simulation  # imported late: Flower pulls in Ray
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    # Ray workers may start elsewhere: every path they see must be absolute.
+    run = run.replace(state_dir=str(Path(run.state_dir).resolve()), out_dir=str(Path(run.out_dir).resolve()),
+                      data_path=str(run.data_file.resolve()))
+    data = load_dataset(run.data_file, "train", run.resolution)
+    run = run.replace(num_classes=len(data.classes), channels=data.channels)
+    names = class_names or data.classes
+    print(f"data: {run.data_file} ({len(data)} training images, classes {names})")
+    print(partition_table_header(run))
+    print(prepare_sites(run, data))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    ray_tmp = tempfile.mkdtemp(prefix="fsray-", dir="/tmp")  # Ray's socket paths must stay short
+    t0 = time.time()
+    try:
+        run_simulation(
+            server_app=make_server_app(run, names), client_app=client_app, num_supernodes=run.sites,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"include_dashboard": False, "num_cpus": max(1, os.cpu_count() or 1),
+                                          "_temp_dir": ray_tmp, "logging_level": logging.ERROR,
+                                          "log_to_driver": False}})
+    finally:
+        _shutdown_ray()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    seconds = time.time() - t0
+    report_agreement(run, data, names, seconds)
+    return run.run_dir
+
+
+def partition_table_header(run: RunConfig) -> str:
+    return (f"{run.sites} sites, partition {run.partition}, seed {run.seed}, "
+            f"local holdout {run.holdout_fraction:.0%}; site folders under {run.state_dir}")
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass
+
+
+def report_agreement(run: RunConfig, data: ImageDataset, names: list[str], seconds: float, n: int = 500) -> dict:
+    """How often a classifier trained on real images gives a sample of class c the label c."""
+    classifier = reference_classifier(data, Path(run.state_dir))
+    model = build_generator(run.model, **run.model_kwargs())
+    model.load_shared_weights(load_weights(run.run_dir / "weights.safetensors"))
+    g = torch.Generator().manual_seed(run.seed + 1)
+    per_class = {}
+    for c, name in enumerate(names):
+        samples = model.sample(n, torch.full((n,), c, dtype=torch.long), generator=g).numpy()
+        per_class[name] = float((classifier.predict(samples) == c).mean())
+    overall = float(np.mean(list(per_class.values())))
+    result = {"classifier": "SmallCNN trained on the real training split", "samples-per-class": n,
+              "agreement": overall, "per-class": per_class, "simulation-seconds": round(seconds, 1)}
+    write_json(run.run_dir / "agreement.json", result)
+    line = (f"\nclass agreement (a classifier trained on real images labels samples of class c as c): "
+            f"{overall:.1%} [" + ", ".join(f"{k} {v:.1%}" for k, v in per_class.items()) + f"], n={n} per class\n"
+            f"wall time of the simulation: {seconds:.0f}s\n")
+    with open(run.run_dir / "summary.txt", "a") as f:
+        f.write(line)
+    return result
+
+
+def reference_classifier(data: ImageDataset, cache_dir: Path) -> SmallCNN:
+    """The shipped classifier for the bundled data set, else one trained once and cached per data file."""
+    key = hashlib.sha256(data.images.tobytes() + data.labels.tobytes()).hexdigest()[:16]
+    shipped = Path(__file__).parent / "data" / f"classifier-{key}.safetensors"
+    cached = cache_dir / f"classifier-{key}.safetensors"
+    model = SmallCNN(len(data.classes), data.channels)
+    for path in (shipped, cached):
+        if path.exists():
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(path).items()})
+            return model.eval()
+    print("training the reference classifier on the real training split (once per data set)...")
+    model = train_classifier(data.images, data.labels, len(data.classes))
+    save_weights(cached, {k: v.numpy() for k, v in model.state_dict().items()})
+    return model
