@@ -20,7 +20,7 @@ from fedsynth.config import RunConfig
 from models import build_generator
 
 from .site import RoundRefused, Site, SiteConfig
-from .trainer import mean_loss, train_private
+from .trainer import cosine_lr, mean_loss, train_private
 
 log = logging.getLogger("fedsynth.client")
 
@@ -48,7 +48,9 @@ class SiteClient(NumPyClient):
             raise
         model = self._model(run, parameters)
         result = train_private(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
-                               sample_rate=plan["sample_rate"], steps=plan["steps_per_round"], lr=run.lr,
+                               sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
+                               lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
+                                            plan["rounds"] * plan["steps_per_round"]),
                                seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
                                accountant=plan["accountant"])
         weights = list(model.shared_weights().values())

@@ -5,7 +5,9 @@ Built from Opacus' parts directly (GradSampleModule, DPOptimizer, DPDataLoader, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,15 +30,20 @@ class TrainResult:
 
 
 def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: float, sample_rate: float,
-                  steps: int, lr: float, seed: int, accountant: str = "prv") -> TrainResult:
-    """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place."""
+                  steps: int, lr: float | Callable[[int], float], seed: int,
+                  accountant: str = "prv") -> TrainResult:
+    """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place.
+
+    ``lr`` may be a schedule of the local step index (see ``cosine_lr``).
+    """
+    lr_at = lr if callable(lr) else (lambda _: lr)
     torch.manual_seed(seed)
     module = model.private_module()
     dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
     loader = DPDataLoader(dataset, sample_rate=sample_rate,
                           generator=torch.Generator().manual_seed(seed))
     private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(torch.optim.Adam(module.parameters(), lr=lr), noise_multiplier=sigma,
+    optimizer = DPOptimizer(torch.optim.Adam(module.parameters(), lr=lr_at(0)), noise_multiplier=sigma,
                             max_grad_norm=clip, expected_batch_size=max(1, round(sample_rate * len(data))),
                             loss_reduction="mean")
     acc = create_accountant(mechanism=accountant)
@@ -46,6 +53,8 @@ def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: f
     try:
         while done < steps:
             for x, y in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(done)
                 losses.append(model.train_step(private, optimizer, x, y)["loss"])
                 done += 1
                 if done == steps:
@@ -57,6 +66,18 @@ def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: f
         raise RuntimeError(f"DP trainer: took {done} steps but the accountant recorded {acc.history}")
     return TrainResult(steps=done, history=[tuple(h) for h in acc.history],
                        metrics={"train_loss": float(np.mean(losses[-max(1, len(losses) // 4):]))})
+
+
+def cosine_lr(lr_max: float, lr_min: float, first_step: int, total_steps: int) -> Callable[[int], float]:
+    """Cosine decay over the whole run (all rounds); a round's local steps take their segment of it.
+
+    Large early steps move the model fast; small late ones keep the last DP noise draws from dominating
+    the released weights (post-processing of the DP steps: costs no privacy).
+    """
+    def lr_at(local_step: int) -> float:
+        frac = min(1.0, (first_step + local_step) / max(1, total_steps - 1))
+        return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * frac))
+    return lr_at
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     fed.setLevel(logging.INFO)
     fed.addHandler(handler)
     fed.propagate = False  # Flower prints its own log lines; don't echo them twice
+    logging.getLogger("flwr").setLevel(logging.INFO)  # SecAgg+ stage chatter is DEBUG
     try:
         if args.command == "simulate":
             return cmd_simulate(args)

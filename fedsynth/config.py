@@ -24,13 +24,15 @@ class RunConfig:
     epsilon: float = 10.0
     delta: float = 1e-5
     clip: float = 1.0
-    sample_rate: float = 0.1
-    local_epochs: float = 3.0
+    sample_rate: float = 0.3
+    local_epochs: float = 24.0
     accountant: str = "prv"
     # Model and optimizer.
-    lr: float = 2e-3
-    latent_dim: int = 16
-    width: int = 32
+    lr: float = 2e-2
+    lr_final: float = 5e-4
+    latent_dim: int = 4
+    width: int = 0
+    coarse: int = 2
     num_classes: int = 2
     channels: int = 1
     resolution: int = 28
@@ -54,6 +56,7 @@ class RunConfig:
             (self.local_epochs > 0, "local-epochs", "a number > 0"),
             (self.accountant in ("prv", "rdp"), "accountant", "prv or rdp"),
             (self.lr > 0, "lr", "a number > 0"),
+            (0 < self.lr_final <= self.lr, "lr-final", "a number in (0, lr]"),
             (0 <= self.holdout_fraction < 1, "holdout-fraction", "a number in [0, 1)"),
             (self.resolution % 4 == 0, "resolution", "a multiple of 4"),
         ]
@@ -71,7 +74,7 @@ class RunConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         return dict(num_classes=self.num_classes, channels=self.channels, resolution=self.resolution,
-                    latent_dim=self.latent_dim, width=self.width)
+                    latent_dim=self.latent_dim, width=self.width, coarse=self.coarse)
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

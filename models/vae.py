@@ -15,36 +15,51 @@ def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class ConditionalVAE(Generator):
     """q(z|x,y) and p(x|z,y) with a Bernoulli likelihood (the better one under DP, see DESIGN.md).
 
-    The decoder's output logits are a learned per-class image (a Linear on the one-hot label) plus a small
-    conv decoder of (z, y): even under heavy DP noise the per-class term gives chest-shaped class averages,
-    and the conv path adds the variation the latent carries.
+    The decoder's logits are a linear map of (z, one-hot y) — per-class mean image plus a low-rank basis of
+    variation, a probabilistic-PCA-like core with few parameters that DP noise can't scramble — plus, when
+    ``width`` > 0, a conv refinement path (Upsample+Conv, GroupNorm) whose last layer starts at zero.
     """
 
     family = "vae"
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28,
-                 latent_dim: int = 16, width: int = 32, beta: float = 1.0):
+                 latent_dim: int = 16, width: int = 0, beta: float = 1.0, coarse: int = 1):
         super().__init__(num_classes, channels, resolution)
         if resolution % 4:
             raise ValueError(f"vae: resolution must be a multiple of 4, got {resolution}")
+        if resolution % coarse:
+            raise ValueError(f"vae: resolution {resolution} must be a multiple of coarse ({coarse})")
         self.latent_dim, self.beta, r4 = latent_dim, beta, resolution // 4
-        self.encoder = nn.Sequential(_block(channels, width, 2), _block(width, 2 * width, 2), nn.Flatten())
-        self.to_posterior = nn.Linear(2 * width * r4 * r4 + num_classes, 2 * latent_dim)
-        self.from_latent = nn.Linear(latent_dim + num_classes, 2 * width * r4 * r4)
-        self.decoder = nn.Sequential(
-            nn.Unflatten(1, (2 * width, r4, r4)), nn.GroupNorm(8, 2 * width), nn.SiLU(),
-            nn.Upsample(scale_factor=2), _block(2 * width, width),
-            nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1))
-        self.class_image = nn.Linear(num_classes, channels * resolution * resolution, bias=False)
-        nn.init.zeros_(self.class_image.weight)
+        pixels = channels * resolution * resolution
+        # The linear decoder works at resolution/coarse and is upsampled: coarse² fewer noisy parameters.
+        self.coarse = coarse
+        if width:
+            self.encoder = nn.Sequential(_block(channels, width, 2), _block(width, 2 * width, 2), nn.Flatten())
+            features = 2 * width * r4 * r4
+        else:
+            self.encoder, features = nn.Flatten(), pixels
+        self.to_posterior = nn.Linear(features + num_classes, 2 * latent_dim)
+        self.linear_decoder = nn.Linear(latent_dim + num_classes, pixels // coarse ** 2)
+        nn.init.zeros_(self.linear_decoder.weight), nn.init.zeros_(self.linear_decoder.bias)
+        self.conv_decoder = None
+        if width:
+            last = nn.Conv2d(width, channels, 3, 1, 1)
+            nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
+            self.conv_decoder = nn.Sequential(
+                nn.Linear(latent_dim + num_classes, 2 * width * r4 * r4),
+                nn.Unflatten(1, (2 * width, r4, r4)), nn.GroupNorm(8, 2 * width), nn.SiLU(),
+                nn.Upsample(scale_factor=2), _block(2 * width, width), nn.Upsample(scale_factor=2), last)
 
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.num_classes).float()
 
     def decode_logits(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        onehot = self._onehot(y)
-        shape = (-1, self.channels, self.resolution, self.resolution)
-        return self.decoder(self.from_latent(torch.cat([z, onehot], 1))) + self.class_image(onehot).view(shape)
+        h = torch.cat([z, self._onehot(y)], 1)
+        side = self.resolution // self.coarse
+        logits = self.linear_decoder(h).view(-1, self.channels, side, side)
+        if self.coarse > 1:
+            logits = F.interpolate(logits, scale_factor=self.coarse, mode="bilinear", align_corners=False)
+        return logits if self.conv_decoder is None else logits + self.conv_decoder(h)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-image negative ELBO in nats, shape (B,)."""

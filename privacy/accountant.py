@@ -57,20 +57,22 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
         return epsilon(prior + [(sigma, sample_rate, steps)], delta, accountant)
 
     lo, hi = 0.0, 1.0
-    while eps_at(hi) > target_epsilon:
+    eps_hi = eps_at(hi)
+    while eps_hi > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > MAX_SIGMA:
             raise BudgetExhausted(f"remaining budget (spent ε={spent:.3f} of {target_epsilon:g}) can't cover "
                                   f"{steps} steps at q={sample_rate:g} with σ ≤ {MAX_SIGMA:g}")
-    # Bisect on σ until the ε at the upper end is within tolerance below the target.
-    while True:
+        eps_hi = eps_at(hi)
+    # Bisect on σ, keeping ε(hi) ≤ target, until ε(hi) is within tolerance below the target.
+    while target_epsilon - eps_hi > tolerance and hi - lo > 1e-4:
         mid = (lo + hi) / 2
-        if eps_at(mid) > target_epsilon:
+        eps_mid = eps_at(mid)
+        if eps_mid > target_epsilon:
             lo = mid
         else:
-            hi = mid
-        if hi - lo < 1e-4 or target_epsilon - eps_at(hi) <= tolerance:
-            return hi
+            hi, eps_hi = mid, eps_mid
+    return hi
 
 
 def steps_per_round(local_epochs: float, sample_rate: float) -> int:

@@ -40,6 +40,8 @@ def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
     """Run a whole simulated federation; returns the run folder."""
     from flwr.simulation import run_simulation  # imported late: Flower pulls in Ray
 
+    logging.getLogger("flwr").propagate = False  # Flower has its own console handler: print each line once
+
     from client.client_app import app as client_app
     from server.server_app import make_server_app
 
@@ -106,17 +108,19 @@ def report_agreement(run: RunConfig, data: ImageDataset, names: list[str], secon
     return result
 
 
+def classifier_key(data: ImageDataset) -> str:
+    return hashlib.sha256(data.images.tobytes() + data.labels.tobytes()).hexdigest()[:16]
+
+
 def reference_classifier(data: ImageDataset, cache_dir: Path) -> SmallCNN:
     """The shipped classifier for the bundled data set, else one trained once and cached per data file."""
-    key = hashlib.sha256(data.images.tobytes() + data.labels.tobytes()).hexdigest()[:16]
-    shipped = Path(__file__).parent / "data" / f"classifier-{key}.safetensors"
-    cached = cache_dir / f"classifier-{key}.safetensors"
+    name = f"classifier-{classifier_key(data)}.safetensors"
     model = SmallCNN(len(data.classes), data.channels)
-    for path in (shipped, cached):
+    for path in (Path(__file__).parent / "data" / name, Path(cache_dir) / name):
         if path.exists():
             model.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(path).items()})
             return model.eval()
     print("training the reference classifier on the real training split (once per data set)...")
     model = train_classifier(data.images, data.labels, len(data.classes))
-    save_weights(cached, {k: v.numpy() for k, v in model.state_dict().items()})
+    save_weights(Path(cache_dir) / name, {k: v.numpy() for k, v in model.state_dict().items()})
     return model

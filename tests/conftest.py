@@ -1,0 +1,89 @@
+"""Shared tiny settings for tests that run real federations (Flower Simulation Engine + Ray, Opacus, SecAgg+).
+
+Everything is kept small so a whole simulation takes tens of seconds on two shared cores: a stratified
+600-image subset of the bundled PneumoniaMNIST (plus a 100-image val split), 2 sites, 2 rounds of
+2 DP steps each (local_epochs 0.2 at q = 0.1).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.data import ImageDataset, load_dataset, save_npz
+from fedsynth.config import DEFAULT_DATA, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDSYNTH = ROOT / ".venv" / "bin" / "fedsynth"
+SMALL_TRAIN, SMALL_VAL = 600, 100
+
+# The settings every tiny federation shares (a test overrides what it is about).
+TINY = dict(sites=2, rounds=2, local_epochs=0.2, sample_rate=0.1, epsilon=3.0, delta=1e-5, seed=0)
+
+
+def stratified(ds: ImageDataset, n: int, rng: np.random.Generator) -> ImageDataset:
+    """``n`` images drawn without replacement, keeping each class's share of ``ds``."""
+    idx = []
+    for c in range(len(ds.classes)):
+        members = np.flatnonzero(ds.labels == c)
+        idx.extend(rng.choice(members, round(n * len(members) / len(ds)), replace=False))
+    return ds.subset(np.sort(np.asarray(idx)))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A MedMNIST-style .npz: a random stratified subset of the bundled train split plus a small val split."""
+    rng = np.random.default_rng(1234)
+    path = tmp_path_factory.mktemp("data") / "pneumonia-small.npz"
+    train, val = load_dataset(DEFAULT_DATA, "train"), load_dataset(DEFAULT_DATA, "val")
+    save_npz(path, stratified(train, SMALL_TRAIN, rng), stratified(val, SMALL_VAL, rng))
+    back = load_dataset(path, "train")
+    assert len(back) == SMALL_TRAIN and set(np.unique(back.labels)) == {0, 1}
+    return path
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(small_data, tmp_path_factory) -> Path:
+    """The runner's reference classifier for the small data, trained once per session (not once per state dir).
+
+    ``simulations.runner.reference_classifier`` caches it as STATE_DIR/classifier-KEY.safetensors; every state
+    folder a test makes gets a copy, so each run skips retraining it.
+    """
+    from simulations.runner import reference_classifier
+
+    cache = tmp_path_factory.mktemp("classifier")
+    reference_classifier(load_dataset(small_data, "train"), cache)
+    (file,) = cache.glob("classifier-*.safetensors")
+    return file
+
+
+@pytest.fixture(scope="session")
+def make_run(small_data, classifier_cache, tmp_path_factory):
+    """``make_run(name, state_dir=None, **changes) -> RunConfig``: tiny settings, fresh folders from tmp_path_factory.
+
+    ``state_dir`` given: reuse (or create) that state folder, so the sites' ledgers carry over.
+    """
+    def make(name: str, state_dir: Path | None = None, **changes) -> RunConfig:
+        root = tmp_path_factory.mktemp(name)
+        state = Path(state_dir) if state_dir is not None else root / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        if not (state / classifier_cache.name).exists():
+            shutil.copy(classifier_cache, state / classifier_cache.name)
+        settings = dict(TINY, run_id=name, data_path=str(small_data), state_dir=str(state),
+                        out_dir=str(root / "runs"))
+        return RunConfig(**{**settings, **changes})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def copy_state(tmp_path_factory):
+    """``copy_state(state_dir, name) -> Path``: a copy of a state folder (site data, ledgers, classifier cache)."""
+    def copy(state_dir: Path, name: str) -> Path:
+        dest = tmp_path_factory.mktemp(name) / "state"
+        shutil.copytree(state_dir, dest)
+        return dest
+
+    return copy
