@@ -20,7 +20,7 @@ from fedsynth.config import RunConfig
 from models import build_generator
 
 from .site import RoundRefused, Site, SiteConfig
-from .trainer import cosine_lr, mean_loss, train_private
+from .trainer import cosine_lr, train_private
 
 log = logging.getLogger("fedsynth.client")
 
@@ -53,24 +53,27 @@ class SiteClient(NumPyClient):
                                             plan["rounds"] * plan["steps_per_round"]),
                                seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
                                accountant=plan["accountant"])
-        weights = list(model.shared_weights().values())
-        bad = [i for i, w in enumerate(weights) if not np.isfinite(w).all()]
-        if bad:  # never send NaN weights; the round is not charged since nothing leaves
-            raise RuntimeError(f"{site.config.name}: training produced non-finite weights in {len(bad)} arrays")
-        limit = float(config.get("secagg-clipping-range", np.inf))
-        peak = max(float(np.abs(w).max()) for w in weights)
-        if peak >= limit:
-            raise RuntimeError(f"{site.config.name}: a weight of magnitude {peak:.3g} would be clipped by "
-                               f"SecAgg+ (clipping range ±{limit:g})")
+        # Charge now: whatever leaves from here on — weights or just the fact that the round failed — is
+        # post-processing of these DP steps, so the site pays for them either way.
         entry = site.charge(run, rnd, plan, result.history)
+        weights = list(model.shared_weights().values())
+        if not all(np.isfinite(w).all() for w in weights):  # never send NaN weights
+            raise RuntimeError(f"{site.config.name}: training produced non-finite weights; nothing sent")
+        limit = float(config.get("secagg-clipping-range", np.inf))
+        if any(float(np.abs(w).max()) >= limit for w in weights):
+            raise RuntimeError(f"{site.config.name}: weights outside the SecAgg+ clipping range ±{limit:g}; "
+                               "nothing sent")
         log.info("%s round %d: %d DP steps, σ=%.3f, ε=%.3f", site.config.name, rnd, result.steps,
                  plan["sigma"], entry["epsilon_after"])
-        metrics = {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": result.steps,
-                   "train-loss": result.metrics["train_loss"]}
-        return weights, 1, metrics
+        # Only public facts beside the weights: no loss or count computed from the private images.
+        return weights, 1, {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": result.steps}
 
     def evaluate(self, parameters, config):
-        """Holdout loss of the global model, plus whether this site can pay for the next round."""
+        """The roll call: this site's privacy spend and whether it can pay for the next round.
+
+        No loss on the site's images leaves (it would be a non-private statistic of them); the reported
+        loss is 0 and the weight 1.
+        """
         run, site, rnd = self._open(config)
         next_round = rnd + 1
         ok, reason = True, ""
@@ -80,12 +83,7 @@ class SiteClient(NumPyClient):
             except RoundRefused as exc:
                 ok, reason = False, str(exc)
                 site.refuse(run, next_round, reason)
-        model = self._model(run, parameters)
-        loss = mean_loss(model, site.holdout) if site.holdout is not None and len(site.holdout) else 0.0
-        n = len(site.holdout) if site.holdout is not None else 0
-        status = site.status(run)
-        metrics = {**status, "next-round-ok": ok, "next-round-reason": reason, "holdout-loss": loss}
-        return float(loss), max(n, 1), metrics
+        return 0.0, 1, {**site.status(run), "next-round-ok": ok, "next-round-reason": reason}
 
 
 def hash_name(name: str) -> int:

@@ -45,6 +45,9 @@ class SiteConfig:
             name = f"site-{int(node_config['partition-id'])}"
             folder = Path(run.state_dir) / name
             data, ledger = folder / "data.npz", folder / "ledger.jsonl"
+            if not data.exists():  # `flwr run .` skips fedsynth's runner: split the data the same way here
+                from simulations.runner import prepare_sites
+                prepare_sites(run.replace(sites=int(node_config.get("num-partitions", run.sites))))
         else:
             raise ValueError("node config: expected data-path (deployment) or partition-id (simulation), "
                              f"got keys {sorted(node_config)}")
@@ -125,7 +128,7 @@ class Site:
         return {
             "site": self.config.name, "epsilon": self.ledger.epsilon(delta, run.accountant), "delta": delta,
             "epsilon-budget": eps_budget, "unit": plan.get("unit", "image"), "accountant": run.accountant,
-            "sigma": float(plan.get("sigma", 0.0)), "clip": float(plan.get("clip", run.clip)),
+            "sigma": float(plan["sigma"]) if plan else "", "clip": float(plan.get("clip", run.clip)),
             "sample-rate": float(plan.get("sample_rate", run.sample_rate)),
             "steps": int(sum(c["steps"] for c in charges)), "rounds": len(charges),
             "rounds-this-run": sum(1 for c in charges if c.get("run_id") == run.run_id)}

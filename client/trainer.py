@@ -78,14 +78,3 @@ def cosine_lr(lr_max: float, lr_min: float, first_step: int, total_steps: int) -
         frac = min(1.0, (first_step + local_step) / max(1, total_steps - 1))
         return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * frac))
     return lr_at
-
-
-@torch.no_grad()
-def mean_loss(model: Generator, data: ImageDataset, batch_size: int = 512) -> float:
-    model.eval()
-    total = 0.0
-    for i in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.images[i:i + batch_size])
-        y = torch.from_numpy(data.labels[i:i + batch_size])
-        total += float(model.loss(x, y).sum())
-    return total / max(1, len(data))

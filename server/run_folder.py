@@ -31,7 +31,8 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
     rounds = [strategy.round_metrics[r] for r in sorted(strategy.round_metrics)]
     write_json(run_dir / "metrics.json", {"rounds": rounds, "refusals": strategy.refusals,
                                           "seconds": round(seconds, 2), "stop-reason": stop_reason})
-    privacy = {site: {k: m[k] for k in PRIVACY_KEYS if k in m} for site, m in sorted(strategy.sites.items())}
+    privacy = {site: {k: (None if m[k] == "" else m[k]) for k in PRIVACY_KEYS if k in m}  # "": never planned
+               for site, m in sorted(strategy.sites.items())}
     write_json(run_dir / "privacy.json", privacy)
     names = class_names or [f"class {c}" for c in range(run.num_classes)]
     save_png(run_dir / "samples.png", sample_grid(model, names, per_class=10, seed=run.seed))
@@ -46,7 +47,7 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
     ]
     for site, p in privacy.items():
         lines.append(f"  {site:<10} {p['epsilon']:>7.3f} {p['epsilon-budget']:>7.3g} {p['delta']:>8.1e} "
-                     f"{p['sigma']:>7.3f} {p['clip']:>5.2g} {p['sample-rate']:>6.3g} {p['steps']:>6} "
+                     f"{'-' if p['sigma'] is None else format(p['sigma'], '.3f'):>7} {p['clip']:>5.2g} {p['sample-rate']:>6.3g} {p['steps']:>6} "
                      f"{p['rounds']:>6}  {p['unit']} ({p['accountant']})")
     for r in strategy.refusals:
         lines.append(f"  refused: {r['site']} round {r['round']}: {r['reason']}")

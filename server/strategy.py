@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from fedsynth.config import RunConfig
@@ -43,11 +43,9 @@ class FedSynthStrategy(FedAvg):
     # --- roll call ------------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round, results, failures):
         self.willing = set()
-        losses = []
         for proxy, res in results:
             m = dict(res.metrics)
             self.sites[str(m["site"])] = m
-            losses.append(float(res.loss))
             if m.get("next-round-ok"):
                 self.willing.add(proxy.node_id)
             elif server_round < self.run.rounds:
@@ -56,9 +54,8 @@ class FedSynthStrategy(FedAvg):
         for failure in failures:
             log.warning("evaluate round %d: a site failed: %s", server_round, _reason(failure))
         entry = self.round_metrics.setdefault(server_round, {"round": server_round})
-        entry["holdout-loss"] = float(np.mean(losses)) if losses else None
         entry["epsilon"] = {s: float(m["epsilon"]) for s, m in sorted(self.sites.items())}
-        return entry["holdout-loss"], {}
+        return None, {}
 
     def why_stop(self) -> str | None:
         """None if the next round can run, else the reason the run ends."""
@@ -77,7 +74,6 @@ class FedSynthStrategy(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         entry = self.round_metrics.setdefault(server_round, {"round": server_round})
         entry["sites"] = sorted(str(res.metrics.get("site")) for _, res in results)
-        entry["train-loss"] = {str(res.metrics["site"]): float(res.metrics["train-loss"]) for _, res in results}
         entry["failures"] = [_reason(f) for f in failures]
         for f in failures:
             log.warning("round %d: a site's update failed: %s", server_round, _reason(f))

@@ -7,6 +7,7 @@ Each site's ledger lives beside its data and survives across runs that share ``-
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,11 +29,30 @@ from .partition import partition_sites, partition_table
 log = logging.getLogger("fedsynth.simulate")
 
 
-def prepare_sites(run: RunConfig, data: ImageDataset) -> str:
+def prepare_sites(run: RunConfig, data: ImageDataset | None = None) -> str:
+    """Write each simulated hospital's folder; returns the partition table. Deterministic for a seed.
+
+    A state folder is a fixed set of hospitals: its split is recorded in ``partition.json`` and a later
+    run with another data file or split is refused — moving images between sites would leave them
+    outside every ledger that bounds their privacy loss.
+    """
+    data = data or load_dataset(run.data_file, "train", run.resolution)
+    split = {"data-sha256": classifier_key(data), "sites": run.sites, "partition": run.partition,
+             "seed": run.seed, "holdout-fraction": run.holdout_fraction, "resolution": run.resolution}
+    record = Path(run.state_dir) / "partition.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous != split:
+            changed = sorted(k for k in split if previous.get(k) != split[k])
+            raise ValueError(f"{record}: these simulated hospitals were split with {previous}; this run asks "
+                             f"for different {changed}. Use a new --state-dir, or the same data and split.")
     parts = partition_sites(data.labels, run.sites, run.partition, run.seed, run.holdout_fraction)
     for k, part in enumerate(parts):
-        holdout = data.subset(part.holdout) if len(part.holdout) else None
-        save_npz(Path(run.state_dir) / f"site-{k}" / "data.npz", data.subset(part.train), holdout)
+        target = Path(run.state_dir) / f"site-{k}" / "data.npz"
+        if not target.exists():
+            holdout = data.subset(part.holdout) if len(part.holdout) else None
+            save_npz(target, data.subset(part.train), holdout)
+    write_json(record, split)
     return partition_table(data.labels, parts, data.classes)
 
 

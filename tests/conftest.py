@@ -15,8 +15,6 @@ import pytest
 from client.data import ImageDataset, load_dataset, save_npz
 from fedsynth.config import DEFAULT_DATA, RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-FEDSYNTH = ROOT / ".venv" / "bin" / "fedsynth"
 SMALL_TRAIN, SMALL_VAL = 600, 100
 
 # The settings every tiny federation shares (a test overrides what it is about).

@@ -1,11 +1,12 @@
 """Whole federations through the real stack: Flower's Simulation Engine (Ray), Opacus DP-SGD, SecAgg+.
 
-Four tiny simulations (2 sites, 2 rounds of 2 DP steps on 600 images) serve every test here:
+Five tiny simulations (2 sites, 2 rounds of 2 DP steps on 600 images) serve every test here:
 
 - ``first``: SecAgg+ on, budget ε=3, fresh state           -> end-to-end run folder and privacy bookkeeping;
 - ``second``: budget ε=6 on a copy of ``first``'s state      -> ε composes across runs;
 - ``refused``: budget ε=3 on another copy, through the CLI -> every site refuses, the run ends cleanly;
-- ``plain``: SecAgg+ off, fresh state, same seed and data   -> same global weights as ``first``.
+- ``plain``: SecAgg+ off, fresh state, same seed and data   -> same global weights as ``first``;
+- ``partial``: δ between the sites' 1/N, SecAgg+ off        -> one site refuses, the other trains alone.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from privacy.ledger import Ledger
 from server.checkpoint import load_weights
 from server.strategy import FedSynthStrategy
 from simulations.runner import simulate
-
 
 FEDSYNTH = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "fedsynth"
 SITES = ["site-0", "site-1"]
@@ -242,6 +242,44 @@ def test_exhausted_budget_refusal_via_cli(first, refused):
     assert config["run-id"] == "refused" and config["epsilon"] == 3.0
     weights = load_weights(run_dir / "weights.safetensors")
     assert max_abs_diff(weights, initial_weights(RunConfig.from_flower(config))) == 0.0
+
+
+def test_site_that_cannot_meet_delta_refuses_and_the_other_trains(make_run):
+    """In-process form: the simulate call returns normally; only the site that can take part is charged.
+
+    δ is chosen between the two sites' 1/N, so the bigger site (δ ≥ 1/N) refuses and the smaller trains alone
+    (plain aggregation: SecAgg+ would need two sites)."""
+    from client.data import load_dataset
+    from simulations.partition import partition_sites
+
+    base = make_run("partial", secure=False)
+    labels = load_dataset(base.data_file, "train").labels
+    sizes = [len(p.train) for p in partition_sites(labels, base.sites, base.partition, base.seed,
+                                                    base.holdout_fraction)]
+    small, big = int(np.argmin(sizes)), int(np.argmax(sizes))
+    assert sizes[small] < sizes[big]
+    run = base.replace(delta=math.sqrt(1 / sizes[small] * 1 / sizes[big]))
+    run_dir = simulate(run)  # no exception
+    state = Path(run.state_dir)
+    refuser, trainer = f"site-{big}", f"site-{small}"
+
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["stop-reason"] is None
+    assert [r["sites"] for r in metrics["rounds"] if "sites" in r] == [[trainer], [trainer]]
+    assert {(r["site"], r["round"]) for r in metrics["refusals"]} == {(refuser, 1), (refuser, 2)}
+    assert all("δ" in r["reason"] and "1/N" in r["reason"] for r in metrics["refusals"])
+    summary = (run_dir / "summary.txt").read_text()
+    assert "2/2 rounds" in summary and f"refused: {refuser} round 1" in summary
+
+    assert entries(state, refuser, "charge") == [] and entries(state, refuser, "plan") == []
+    assert {r["round"] for r in entries(state, refuser, "refusal")} == {1, 2}
+    assert [c["round"] for c in entries(state, trainer, "charge")] == [1, 2]
+    privacy = read_json(run_dir / "privacy.json")
+    assert privacy[refuser]["epsilon"] == 0.0 and privacy[refuser]["steps"] == 0
+    assert 0 < privacy[trainer]["epsilon"] <= run.epsilon + 1e-9
+    # the global model is the one site's update, so training did move it
+    weights = load_weights(run_dir / "weights.safetensors")
+    assert max_abs_diff(weights, initial_weights(run)) > 1e-3
 
 
 # --- 4. SecAgg+ changes who sees what, not the result ---------------------------------------------------
