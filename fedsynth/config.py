@@ -92,6 +92,8 @@ class RunConfig:
                 continue  # Flower adds its own keys (e.g. the server round) beside ours
             want = known[name].type
             try:
+                if want == "int" and isinstance(value, float) and not value.is_integer():
+                    raise ValueError  # 2.7 rounds is a typo, not 2
                 kwargs[name] = {"int": int, "float": float, "str": str}.get(want, lambda v: v)(value)
                 if want == "bool":
                     kwargs[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")

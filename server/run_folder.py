@@ -61,7 +61,8 @@ def sample_grid(model: Generator, class_names: list[str], per_class: int, seed: 
     fig, axes = plt.subplots(len(class_names), 1, figsize=(per_class * 0.9, 1.1 * len(class_names) + 0.3))
     for c, ax in enumerate(np.atleast_1d(axes)):
         imgs = model.sample(per_class, torch.full((per_class,), c, dtype=torch.long), generator=g).numpy()
-        row = np.concatenate(list(imgs.transpose(0, 2, 3, 1)), axis=1)
+        tiles = np.pad(imgs.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 1), (0, 0)), constant_values=1.0)
+        row = np.concatenate(list(tiles), axis=1)[:, :-1]  # 1-pixel white gaps between samples
         ax.imshow(row.squeeze(-1) if row.shape[-1] == 1 else row, cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_ylabel(class_names[c], rotation=0, ha="right", va="center")

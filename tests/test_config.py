@@ -1,0 +1,47 @@
+"""The one run configuration: Flower round-trip, validation, and the Flower app's defaults matching it."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedsynth.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_flower_round_trip_keeps_every_field():
+    run = RunConfig(run_id="x", rounds=7, epsilon=2.5, secure=False, partition="iid", data_path="/d.npz")
+    assert RunConfig.from_flower(run.to_flower()) == run
+    assert RunConfig.from_flower({**run.to_flower(), "server-round": 3}) == run  # Flower's own keys ignored
+
+
+def test_pyproject_flower_defaults_are_the_run_config_defaults():
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert RunConfig.from_flower(app["config"]) == RunConfig()
+    assert set(app["config"]) == set(RunConfig().to_flower())
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("rounds", 0, "rounds must be an integer ≥ 1"),
+    ("delta", 1.5, "delta must be a number in (0, 1)"),
+    ("sample_rate", 0.0, "sample-rate must be a number in (0, 1]"),
+    ("accountant", "gdp", "accountant must be prv or rdp"),
+])
+def test_bad_values_are_named(field, value, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        RunConfig(**{field: value})
+
+
+def test_wrong_types_name_the_key_and_source():
+    with pytest.raises(ValueError, match=r"server request: rounds must be int, got 'many'"):
+        RunConfig.from_flower({"rounds": "many"}, source="server request")
+
+
+def test_fractional_integers_are_rejected_not_truncated():
+    with pytest.raises(ValueError, match=r"rounds must be int, got 2.7"):
+        RunConfig.from_flower({"rounds": 2.7})
+    assert RunConfig.from_flower({"rounds": 3.0}).rounds == 3
