@@ -18,8 +18,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedsynth.config import RunConfig
 from models import build_generator
+from privacy.ledger import weights_sha256
 
 from .site import RoundRefused, Site, SiteConfig
+from .patient import train_private_patients
 from .trainer import cosine_lr, train_private
 
 log = logging.getLogger("fedsynth.client")
@@ -44,25 +46,29 @@ class SiteClient(NumPyClient):
         try:
             plan = site.check_round(run, rnd)  # before any gradient is computed
         except RoundRefused as exc:
-            site.refuse(run, rnd, str(exc))
+            site.refuse(run, rnd, str(exc), exc.rule)
             raise
         model = self._model(run, parameters)
-        result = train_private(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
-                               sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
-                               lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
-                                            plan["rounds"] * plan["steps_per_round"]),
-                               seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
-                               accountant=plan["accountant"])
-        # Charge now: whatever leaves from here on — weights or just the fact that the round failed — is
-        # post-processing of these DP steps, so the site pays for them either way.
-        entry = site.charge(run, rnd, plan, result.history)
+        trainer = train_private_patients if plan["unit"] == "patient" else train_private  # see client/patient.py
+        result = trainer(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
+                         sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
+                         lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
+                                      plan["rounds"] * plan["steps_per_round"]),
+                         seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
+                         accountant=plan["accountant"])
         weights = list(model.shared_weights().values())
+        failure = None
         if not all(np.isfinite(w).all() for w in weights):  # never send NaN weights
-            raise RuntimeError(f"{site.config.name}: training produced non-finite weights; nothing sent")
+            failure = f"{site.config.name}: training produced non-finite weights; nothing sent"
         limit = float(config.get("secagg-clipping-range", np.inf))
-        if any(float(np.abs(w).max()) >= limit for w in weights):
-            raise RuntimeError(f"{site.config.name}: weights outside the SecAgg+ clipping range ±{limit:g}; "
-                               "nothing sent")
+        if failure is None and any(float(np.abs(w).max()) >= limit for w in weights):
+            failure = f"{site.config.name}: weights outside the SecAgg+ clipping range ±{limit:g}; nothing sent"
+        # Charge before anything leaves: the weights, or just the fact that the round failed, are both
+        # post-processing of these DP steps, so the site pays for them either way; the ledger says which left.
+        entry = site.charge(run, rnd, plan, result.history, weights_sha256=weights_sha256(weights),
+                            released="failure-notice" if failure else "weights", failure=failure)
+        if failure:
+            raise RuntimeError(failure)
         log.info("%s round %d: %d DP steps, σ=%.3f, ε=%.3f", site.config.name, rnd, result.steps,
                  plan["sigma"], entry["epsilon_after"])
         # Only public facts beside the weights: no loss or count computed from the private images.
@@ -82,7 +88,7 @@ class SiteClient(NumPyClient):
                 site.check_round(run, next_round)
             except RoundRefused as exc:
                 ok, reason = False, str(exc)
-                site.refuse(run, next_round, reason)
+                site.refuse(run, next_round, reason, exc.rule)
         return 0.0, 1, {**site.status(run), "next-round-ok": ok, "next-round-reason": reason}
 
 

@@ -25,6 +25,7 @@ class ImageDataset:
     labels: np.ndarray  # int64 (N,) in 0..len(classes)-1
     classes: list[str]
     source: str
+    patient_ids: np.ndarray | None = None  # (N,) one id per image when the unit of privacy is a patient
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
@@ -33,13 +34,17 @@ class ImageDataset:
             raise DataError(
                 f"{self.source}: labels must be shaped ({len(self.images)},), got {self.labels.shape}"
             )
+        if self.patient_ids is not None and self.patient_ids.shape != (len(self.images),):
+            raise DataError(f"{self.source}: patient ids must be shaped ({len(self.images)},), "
+                            f"got {self.patient_ids.shape}")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> ImageDataset:
         idx = np.asarray(idx)
-        return ImageDataset(self.images[idx], self.labels[idx], list(self.classes), self.source)
+        patients = None if self.patient_ids is None else self.patient_ids[idx]
+        return ImageDataset(self.images[idx], self.labels[idx], list(self.classes), self.source, patients)
 
     @property
     def resolution(self) -> int:
@@ -84,6 +89,7 @@ def load_npz(path: str | Path, split: str = "train", resolution: int | None = 28
             raise DataError(f"{p}: missing key(s) {missing}; expected {list(keys)}, found keys {found}")
         try:
             raw_images, raw_labels = z[keys[0]], z[keys[1]]
+            raw_patients = z[f"{split}_patient_ids"] if f"{split}_patient_ids" in found else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{p}: cannot read {list(keys)} ({e}); expected plain numeric arrays") from None
 
@@ -107,7 +113,17 @@ def load_npz(path: str | Path, split: str = "train", resolution: int | None = 28
         )
     if resolution is not None and images.shape[2:] != (resolution, resolution):
         images = _resize(images, resolution)
-    return ImageDataset(images, labels, [str(i) for i in range(len(counts))], str(p))
+    patients = None if raw_patients is None else _npz_patients(raw_patients, len(labels), f"{p} [{split}_patient_ids]")
+    return ImageDataset(images, labels, [str(i) for i in range(len(counts))], str(p), patients)
+
+
+def _npz_patients(a: np.ndarray, n: int, where: str) -> np.ndarray:
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.shape != (n,) or a.dtype.kind not in "iuU":
+        raise DataError(f"{where}: patient ids shaped {a.shape} of dtype {a.dtype}; expected ({n},) integer or "
+                        "string ids, one per image")
+    return a
 
 
 def _npz_images(a: np.ndarray, where: str) -> np.ndarray:
@@ -238,4 +254,7 @@ def _to_medmnist(ds: ImageDataset, split: str) -> dict[str, np.ndarray]:
     images = images[:, 0] if ds.channels == 1 else images.transpose(0, 2, 3, 1)
     labels = ds.labels.reshape(-1, 1)
     labels = labels.astype(np.uint8 if len(labels) == 0 or labels.max() < 256 else np.int64)
-    return {f"{split}_images": images, f"{split}_labels": labels}
+    out = {f"{split}_images": images, f"{split}_labels": labels}
+    if ds.patient_ids is not None:
+        out[f"{split}_patient_ids"] = ds.patient_ids
+    return out

@@ -1,25 +1,40 @@
 """A site (hospital): its data, its ledger and its own privacy policy — the site decides, not the server.
 
-The site's budget comes from its node config; the server's run config may ask for less, never for more.
-σ is calibrated once per run for every step the site agrees to (all planned rounds), composed on top of
-everything its ledger already holds, and each round is checked against the budget before any gradient.
+The site's rules (``privacy.policy.SitePolicy``) come from its node config and/or a policy file; the server's
+run config may ask for less, never for more. σ is calibrated once per run for every step the site agrees to
+(all planned rounds), composed on top of everything its ledger already holds. Before any gradient of a round
+the site checks, in order: its ledger verifies (chain, signatures, head), the run's model family and C are
+allowed, the round is within the rounds it agreed to, σ meets its minimum, and the round fits its budget.
+A round that breaks a rule is refused with the rule; the refusal is logged in the ledger and nothing is charged.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+
+import numpy as np
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedsynth.config import RunConfig
 from privacy.accountant import BudgetExhausted, calibrate_sigma, epsilon, steps_per_round
-from privacy.ledger import Ledger
+from privacy.ledger import MECHANISM, RELEASED, Ledger, LedgerError
+from privacy.policy import SitePolicy, policy_from_node_config
+from privacy.verify import describe
 
 from .data import ImageDataset, load_dataset
+
+log = logging.getLogger("fedsynth.client")
+POLICY_FILE = "policy.json"  # simulation: STATE_DIR/site-K/policy.json, if the hospital (or researcher) wrote one
 
 
 class RoundRefused(RuntimeError):
     """The site declines a round; the message says which rule it broke. Nothing leaves the site."""
+
+    def __init__(self, message: str, rule: str = ""):
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -27,20 +42,23 @@ class SiteConfig:
     name: str
     data_path: Path
     ledger_path: Path
-    max_epsilon: float | None = None  # the site's own budget; None = accept the run's epsilon
-    max_delta: float | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    key_path: Path | None = None  # the ledger's signing key; default site.key beside the ledger
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], run: RunConfig) -> "SiteConfig":
-        """Deployment: keys ``site-name``, ``data-path``, ``ledger-path``, ``max-epsilon``, ``max-delta``.
+        """Deployment: keys ``site-name``, ``data-path``, ``ledger-path``, ``ledger-key``, the policy keys of
+        ``privacy.policy`` (``max-epsilon``, ``max-delta``, ``min-sigma``, ``max-clip``, ``max-rounds``,
+        ``allowed-models``) and/or ``policy-file`` (JSON with the same keys).
 
         Simulation: Flower gives only ``partition-id``; the simulated hospital ``site-K`` lives in
-        ``STATE_DIR/site-K/`` (its data file written by the runner, its ledger beside it).
+        ``STATE_DIR/site-K/`` (its data file written by the runner, its ledger, keys and optional
+        ``policy.json`` beside it).
         """
         if "data-path" in node_config:
-            name = str(node_config.get("site-name", Path(str(node_config["data-path"])).stem))
-            ledger = Path(str(node_config.get("ledger-path", Path(str(node_config["data-path"])).parent / "ledger.jsonl")))
             data = Path(str(node_config["data-path"]))
+            name = str(node_config.get("site-name", data.stem))
+            ledger = Path(str(node_config.get("ledger-path", data.parent / "ledger.jsonl")))
         elif "partition-id" in node_config:
             name = f"site-{int(node_config['partition-id'])}"
             folder = Path(run.state_dir) / name
@@ -51,25 +69,46 @@ class SiteConfig:
         else:
             raise ValueError("node config: expected data-path (deployment) or partition-id (simulation), "
                              f"got keys {sorted(node_config)}")
-        opt = lambda k: float(node_config[k]) if k in node_config else None  # noqa: E731
-        return cls(name, data, ledger, opt("max-epsilon"), opt("max-delta"))
+        policy = policy_from_node_config(node_config, ledger.parent / POLICY_FILE)
+        key = Path(str(node_config["ledger-key"])) if "ledger-key" in node_config else None
+        return cls(name, data, ledger, policy, key)
 
 
 class Site:
     def __init__(self, config: SiteConfig, resolution: int = 28, num_classes: int | None = None):
         self.config = config
-        self.ledger = Ledger(config.ledger_path)
+        self.policy = config.policy
+        self.ledger = Ledger(config.ledger_path, config.key_path)
         self.train = load_dataset(config.data_path, "train", resolution, num_classes)
         try:
             self.holdout: ImageDataset | None = load_dataset(config.data_path, "val", resolution, num_classes)
         except ValueError:
             self.holdout = None  # a hospital folder without a holdout split: evaluation is skipped
 
+    @property
+    def unit(self) -> str:
+        """``patient`` when the site's images carry patient ids (sampling and clipping per patient), else ``image``."""
+        return "image" if self.train.patient_ids is None else "patient"
+
+    def units(self) -> int:
+        return len(self.train) if self.train.patient_ids is None else len(np.unique(self.train.patient_ids))
+
     def budget(self, run: RunConfig) -> tuple[float, float]:
         """(ε, δ) this site will spend in total: the run's request, capped by the site's own policy."""
-        eps = run.epsilon if self.config.max_epsilon is None else min(run.epsilon, self.config.max_epsilon)
-        delta = run.delta if self.config.max_delta is None else min(run.delta, self.config.max_delta)
-        return eps, delta
+        return self.policy.budget(run.epsilon, run.delta)
+
+    def _refused(self, reason: str, rule: str) -> RoundRefused:
+        return RoundRefused(f"{self.config.name}: {reason}", rule)
+
+    def verify_ledger(self) -> None:
+        """Refuse to train on a ledger that doesn't verify: its ε could be under-counted."""
+        result = self.ledger.verify()
+        if not result["ok"]:
+            first = describe(result["problems"][0])
+            more = len(result["problems"]) - 1
+            raise self._refused(f"ledger: {self.ledger.path} does not verify ({first}"
+                                f"{f'; and {more} more' if more else ''}); run `fedsynth audit {self.ledger.path}`",
+                                "ledger")
 
     def plan(self, run: RunConfig) -> dict[str, Any]:
         """The run's plan (σ for every step the site agrees to); calibrated and recorded on first use."""
@@ -77,48 +116,80 @@ class Site:
         if existing is not None:
             return existing
         eps, delta = self.budget(run)
-        if delta >= 1 / len(self.train):
-            raise RoundRefused(f"{self.config.name}: δ={delta:g} is not below 1/N={1 / len(self.train):.2g}")
-        steps = steps_per_round(run.local_epochs, run.sample_rate)
+        if delta >= 1 / self.units():
+            raise self._refused(f"δ={delta:g} is not below 1/N={1 / self.units():.2g} (unit: {self.unit})", "delta")
+        steps, rounds = steps_per_round(run.local_epochs, run.sample_rate), self.policy.rounds(run.rounds)
         try:
-            sigma = calibrate_sigma(eps, delta, run.sample_rate, steps * run.rounds,
+            sigma = calibrate_sigma(eps, delta, run.sample_rate, steps * rounds,
                                     prior=self.ledger.history_before(run.run_id), accountant=run.accountant)
         except BudgetExhausted as exc:
-            raise RoundRefused(f"{self.config.name}: budget: {exc}") from None
+            raise self._refused(f"budget: {exc}", "budget") from None
+        broken = self.policy.plan_violation(sigma, run.clip, steps * rounds, eps)
+        if broken:
+            raise self._refused(broken, _rule(broken))
         return self.ledger.append({
-            "kind": "plan", "run_id": run.run_id, "sigma": sigma, "clip": run.clip, "sample_rate": run.sample_rate,
-            "steps_per_round": steps, "rounds": run.rounds, "epsilon_budget": eps, "delta": delta,
-            "accountant": run.accountant, "unit": "image", "site": self.config.name})
+            "kind": "plan", "run_id": run.run_id, "model": run.model, "mechanism": MECHANISM, "sigma": sigma,
+            "clip": run.clip, "sample_rate": run.sample_rate, "steps_per_round": steps, "rounds": rounds,
+            "rounds_requested": run.rounds, "epsilon_budget": eps, "delta": delta, "accountant": run.accountant,
+            "unit": self.unit, "site": self.config.name, "policy": self.policy.rules()})
 
     def check_round(self, run: RunConfig, server_round: int) -> dict[str, Any]:
-        """Return the plan if the site can pay for this round, else raise RoundRefused with the reason."""
+        """Return the plan if the site can take part in this round, else raise RoundRefused with the rule."""
+        self.verify_ledger()
+        for broken in (self.policy.run_violation(run.model, run.clip), self.policy.round_violation(server_round)):
+            if broken:
+                raise self._refused(broken, _rule(broken))
         plan = self.plan(run)
+        # The policy may have been tightened since the plan was recorded: check the plan against it again.
+        broken = self.policy.plan_violation(plan["sigma"], plan["clip"], plan["steps_per_round"] * plan["rounds"],
+                                            plan["epsilon_budget"])
+        if broken:
+            raise self._refused(broken, _rule(broken))
+        if plan.get("unit", "image") != self.unit:
+            raise self._refused(f"the run was planned with one {plan.get('unit')} as the unit, but the site's data "
+                                f"now has one {self.unit} as the unit; start a new run", "unit")
         if server_round > plan["rounds"]:
-            raise RoundRefused(f"{self.config.name}: round {server_round} is past the {plan['rounds']} rounds agreed")
+            raise self._refused(f"round {server_round} is past the {plan['rounds']} rounds agreed", "rounds")
         if self.ledger.rounds().count((run.run_id, server_round)):
-            raise RoundRefused(f"{self.config.name}: round {server_round} of {run.run_id} was already charged")
+            raise self._refused(f"round {server_round} of {run.run_id} was already charged", "already-charged")
+        budget = self.policy.budget(plan["epsilon_budget"], plan["delta"])[0]
         after = epsilon(self.ledger.history() + [(plan["sigma"], plan["sample_rate"], plan["steps_per_round"])],
                         plan["delta"], plan["accountant"])
-        if after > plan["epsilon_budget"] + 1e-9:
-            raise RoundRefused(f"{self.config.name}: budget: round {server_round} would bring ε to {after:.3f}, "
-                               f"above the budget ε={plan['epsilon_budget']:g}")
+        if after > budget + 1e-9:
+            raise self._refused(f"budget: round {server_round} would bring ε to {after:.3f}, above the budget "
+                                f"ε={budget:g}", "budget")
         return plan
 
-    def refuse(self, run: RunConfig, server_round: int, reason: str) -> None:
-        self.ledger.append({"kind": "refusal", "run_id": run.run_id, "round": server_round, "reason": reason,
-                            "site": self.config.name})
+    def refuse(self, run: RunConfig, server_round: int, reason: str, rule: str = "") -> None:
+        try:
+            self.ledger.append({"kind": "refusal", "run_id": run.run_id, "round": server_round, "reason": reason,
+                                "rule": rule, "site": self.config.name})
+        except LedgerError as exc:  # a ledger the site can't extend (e.g. signed by another key): still refuse
+            log.error("%s: could not log the refusal of round %d: %s", self.config.name, server_round, exc)
 
     def charge(self, run: RunConfig, server_round: int, plan: dict[str, Any],
-               history: list[tuple[float, float, int]]) -> dict[str, Any]:
-        """Record the steps whose result is about to leave the site (exactly what the accountant saw)."""
+               history: list[tuple[float, float, int]], weights_sha256: str | None = None,
+               released: str = "weights", failure: str | None = None) -> dict[str, Any]:
+        """Record the steps whose result is about to leave the site (exactly what the accountant saw).
+
+        ``released``: what leaves after the charge — ``weights`` (with their sha256) or ``failure-notice``
+        (the round failed; the mere failure depends on the data, so it is charged all the same).
+        """
+        if released not in RELEASED:
+            raise ValueError(f"charge: released must be one of {RELEASED}, got {released!r}")
         (sigma, q, steps), = history
         if not (math.isclose(sigma, plan["sigma"]) and math.isclose(q, plan["sample_rate"])):
             raise RuntimeError(f"{self.config.name}: trained with σ={sigma}, q={q}, not the plan's {plan}")
         eps_after = epsilon(self.ledger.history() + [(sigma, q, steps)], plan["delta"], plan["accountant"])
-        return self.ledger.append({
-            "kind": "charge", "run_id": run.run_id, "round": server_round, "sigma": sigma, "clip": plan["clip"],
-            "sample_rate": q, "steps": steps, "delta": plan["delta"], "accountant": plan["accountant"],
-            "unit": plan["unit"], "epsilon_after": eps_after, "site": self.config.name})
+        entry = {
+            "kind": "charge", "run_id": run.run_id, "round": server_round, "mechanism": MECHANISM, "sigma": sigma,
+            "clip": plan["clip"], "sample_rate": q, "steps": steps, "delta": plan["delta"],
+            "accountant": plan["accountant"], "unit": plan["unit"], "epsilon_after": eps_after,
+            "released": released, "weights_sha256": weights_sha256 if released == "weights" else None,
+            "site": self.config.name}
+        if failure:
+            entry["failure"] = failure
+        return self.ledger.append(entry)
 
     def status(self, run: RunConfig) -> dict[str, Any]:
         """Public facts about this site's spend (what the server may report)."""
@@ -132,3 +203,8 @@ class Site:
             "sample-rate": float(plan.get("sample_rate", run.sample_rate)),
             "steps": int(sum(c["steps"] for c in charges)), "rounds": len(charges),
             "rounds-this-run": sum(1 for c in charges if c.get("run_id") == run.run_id)}
+
+
+def _rule(message: str) -> str:
+    """``policy min-sigma=…`` -> ``policy:min-sigma`` (what a refusal entry records as its rule)."""
+    return "policy:" + message.split()[1].split("=")[0] if message.startswith("policy ") else ""

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import create_accountant
+from opacus.accountants import IAccountant, create_accountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
@@ -29,33 +29,45 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def dp_parts(model: Generator, *, sigma: float, clip: float, sample_rate: float, expected_batch_size: int,
+             lr: float, accountant: str = "prv") -> tuple[GradSampleModule, DPOptimizer, IAccountant]:
+    """Opacus' pieces around ``model.private_module()``: the wrapped module, its DP optimizer (the model's
+    base optimizer inside), and an accountant charged by every step of that optimizer (at rate ``q``)."""
+    module = model.private_module()
+    private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma, max_grad_norm=clip,
+                            expected_batch_size=expected_batch_size, loss_reduction="mean")
+    acc = create_accountant(mechanism=accountant)
+    optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return private, optimizer, acc
+
+
 def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: float, sample_rate: float,
                   steps: int, lr: float | Callable[[int], float], seed: int,
                   accountant: str = "prv") -> TrainResult:
     """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place.
 
-    ``lr`` may be a schedule of the local step index (see ``cosine_lr``).
+    ``lr`` may be a schedule of the local step index (see ``cosine_lr``); it drives the DP optimizer and the
+    model's public optimizer (parameters that never see real images, e.g. a GAN's generator) alike.
     """
     lr_at = lr if callable(lr) else (lambda _: lr)
     torch.manual_seed(seed)
-    module = model.private_module()
     dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
     loader = DPDataLoader(dataset, sample_rate=sample_rate,
                           generator=torch.Generator().manual_seed(seed))
-    private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(torch.optim.Adam(module.parameters(), lr=lr_at(0)), noise_multiplier=sigma,
-                            max_grad_norm=clip, expected_batch_size=max(1, round(sample_rate * len(data))),
-                            loss_reduction="mean")
-    acc = create_accountant(mechanism=accountant)
-    optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
+    private, optimizer, acc = dp_parts(model, sigma=sigma, clip=clip, sample_rate=sample_rate, lr=lr_at(0),
+                                       expected_batch_size=max(1, round(sample_rate * len(data))),
+                                       accountant=accountant)
+    public = model.public_optimizer(lr_at(0))
+    groups = optimizer.param_groups + (public.param_groups if public is not None else [])
     losses, done = [], 0
     model.train()
     try:
         while done < steps:
             for x, y in loader:
-                for group in optimizer.param_groups:
+                for group in groups:
                     group["lr"] = lr_at(done)
-                losses.append(model.train_step(private, optimizer, x, y)["loss"])
+                losses.append(model.train_step(private, optimizer, x, y, public=public)["loss"])
                 done += 1
                 if done == steps:
                     break

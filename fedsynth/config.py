@@ -18,14 +18,14 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "simulations" / "data" /
 class RunConfig:
     run_id: str = "run"
     model: str = "vae"
-    rounds: int = 5
+    rounds: int = 20
     sites: int = 3
     # Privacy: the site's budget for everything it ever releases, and the mechanism's knobs.
     epsilon: float = 10.0
     delta: float = 1e-5
     clip: float = 1.0
     sample_rate: float = 0.3
-    local_epochs: float = 24.0
+    local_epochs: float = 12.0
     accountant: str = "prv"
     # Model and optimizer.
     lr: float = 2e-2
@@ -36,6 +36,9 @@ class RunConfig:
     num_classes: int = 2
     channels: int = 1
     resolution: int = 28
+    n_critic: int = 1  # gan: discriminator (DP) steps per generator step; a site's planned steps are D steps
+    noise_multiplicity: int = 4  # diffusion: noise draws per image per DP step (together one privacy unit)
+    sampler_steps: int = 10  # diffusion: DDIM steps per sample
     # Federation.
     secure: bool = True
     partition: str = "dirichlet:1.0"
@@ -59,6 +62,9 @@ class RunConfig:
             (0 < self.lr_final <= self.lr, "lr-final", "a number in (0, lr]"),
             (0 <= self.holdout_fraction < 1, "holdout-fraction", "a number in [0, 1)"),
             (self.resolution % 4 == 0, "resolution", "a multiple of 4"),
+            (self.n_critic >= 1, "n-critic", "an integer ≥ 1"),
+            (self.noise_multiplicity >= 1, "noise-multiplicity", "an integer ≥ 1"),
+            (self.sampler_steps >= 1, "sampler-steps", "an integer ≥ 1"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -73,8 +79,10 @@ class RunConfig:
         return Path(self.out_dir) / self.run_id
 
     def model_kwargs(self) -> dict[str, Any]:
+        """Every family's knobs; ``models.build_generator`` passes each family the ones it takes."""
         return dict(num_classes=self.num_classes, channels=self.channels, resolution=self.resolution,
-                    latent_dim=self.latent_dim, width=self.width, coarse=self.coarse)
+                    latent_dim=self.latent_dim, width=self.width, coarse=self.coarse, n_critic=self.n_critic,
+                    noise_multiplicity=self.noise_multiplicity, sampler_steps=self.sampler_steps)
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -1,9 +1,10 @@
-"""The interface every generator family implements (VAE now; GAN and diffusion plug in the same way)."""
+"""The interface every generator family implements (VAE, GAN, diffusion)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import ClassVar
+from contextlib import contextmanager
+from typing import ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -16,13 +17,20 @@ class Generator(nn.Module, ABC):
     Contract with the DP trainer (client/) and the server:
     - ``private_module()`` is the only part that ever sees real images; the trainer wraps exactly it with
       Opacus and charges the accountant once per optimizer step on it.
-    - ``train_step`` runs one step on a batch through the *wrapped* module and its DP optimizer.
+    - ``train_step`` runs one step on a batch through the *wrapped* module and its DP optimizer: exactly one
+      ``optimizer.step()`` (one accountant step) per call, whatever else it does.
+    - Parameters outside ``private_module()`` never see real images (the GAN's generator, the diffusion EMA);
+      ``public_optimizer(lr)`` returns a plain optimizer over the trainable ones (or None), which the trainer
+      passes to ``train_step`` as ``public`` and schedules like the private one. Updating them from the
+      private module's outputs is post-processing: it must not step the DP optimizer nor leave per-sample
+      gradients behind (see ``per_sample_grads_off``).
     - ``sample`` draws images in [0, 1], shaped (n, C, H, W).
     - ``shared_weights`` / ``load_shared_weights``: the one flat, ordered set of named float32 arrays that
       leaves a site (and nothing else does).
     """
 
     family: ClassVar[str]
+    default_lr: ClassVar[tuple[float, float]] = (2e-2, 5e-4)  # (lr, lr-final) the CLI uses without --lr
 
     def __init__(self, num_classes: int, channels: int, resolution: int):
         super().__init__()
@@ -31,10 +39,18 @@ class Generator(nn.Module, ABC):
     def private_module(self) -> nn.Module:
         return self
 
+    def optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """The base optimizer for a parameter set (the trainer wraps the private one in a DPOptimizer)."""
+        return torch.optim.Adam(params, lr=lr)
+
+    def public_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """Optimizer over trainable parameters outside ``private_module()``; None when there are none."""
+        return None
+
     @abstractmethod
-    def train_step(self, private: nn.Module, optimizer: torch.optim.Optimizer,
-                   x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on real images ``x`` with labels ``y``; returns scalar metrics."""
+    def train_step(self, private: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor, public: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """One DP optimizer step on real images ``x`` with labels ``y``; returns scalar metrics (key "loss")."""
 
     @abstractmethod
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -72,3 +88,22 @@ class Generator(nn.Module, ABC):
     def uniform_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # Uniform, never the site's own label histogram: that histogram is private data.
         return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+
+@contextmanager
+def per_sample_grads_off(private: nn.Module, optimizer: torch.optim.Optimizer):
+    """Backward through the private module without touching DP state (Opacus' dcgan.py pattern).
+
+    Inside: Opacus' hooks are off, so no activations or per-sample gradients are recorded. On exit: hooks
+    back on and the private module's gradients cleared (``grad``, ``grad_sample``, ``summed_grad``), so the
+    next DP step starts clean. Works on a plain module too (non-private baseline).
+    """
+    hooks = hasattr(private, "disable_hooks")
+    if hooks:
+        private.disable_hooks()
+    try:
+        yield
+    finally:
+        if hooks:
+            private.enable_hooks()
+        optimizer.zero_grad(set_to_none=True)

@@ -74,7 +74,7 @@ class ConditionalVAE(Generator):
 
     loss = forward
 
-    def train_step(self, private, optimizer, x, y):
+    def train_step(self, private, optimizer, x, y, public=None):
         optimizer.zero_grad(set_to_none=True)
         loss = private(x, y).mean()
         loss.backward()

@@ -1,9 +1,10 @@
-"""``fedsynth audit``: what each site's ledger says it spent, re-derived from the mechanism parameters alone.
+"""``fedsynth audit``: verify each site's ledger and re-derive what it spent from the mechanism parameters alone.
 
-A ledger records σ, C, q and steps for every charge, and the ε the site computed after it. The audit does
-not trust those ε values: it recomputes them with Opacus' PRV accountant (what sites use) and, as an
-independent cross-check, with Google's dp-accounting RDP accountant (a different code base and method,
-so it gives a looser but never smaller bound). A recorded ε more than 1% off the recomputation is flagged.
+For every ledger: the hash chain, the Ed25519 signatures and the signed head are verified (``privacy.verify``:
+an edited, removed or reordered entry, or another key, is named by file:line, run and round). Then every
+charge's ε is recomputed from its recorded (σ, q, steps) with Opacus' PRV accountant (what sites use) and,
+independently, with Google's dp-accounting RDP accountant (another code base and method: a looser bound, never
+smaller). A recorded ε more than 1% off the recomputation, or a PRV ε above the RDP bound, fails the audit.
 """
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .accountant import ACCOUNTANTS, Step, epsilon, merge_history
-from .ledger import Ledger, LedgerError
+from .ledger import MECHANISM, Ledger, LedgerError
+from .verify import describe
 
 REL_TOL = 0.01  # recorded vs recomputed ε: PRV is deterministic for the same history, so 1% is generous
 
 
-def audit(path: Path) -> dict[str, Any]:
+def audit(path: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
     """Audit one ledger file, or every ``ledger.jsonl`` and ``*/ledger.jsonl`` in a folder."""
     path = Path(path)
     if not path.exists():
@@ -30,38 +32,46 @@ def audit(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: no ledger.jsonl or */ledger.jsonl in this folder")
     else:
         files = [path]
-    return {"path": str(path), "sites": [audit_ledger(f) for f in files]}
+    sites = [audit_ledger(f, expect_keys) for f in files]
+    return {"path": str(path), "ok": all(s["ok"] for s in sites), "sites": sites}
 
 
-def audit_ledger(file: Path) -> dict[str, Any]:
-    entries = Ledger(file).entries()  # raises LedgerError naming file:line for unreadable lines
-    # Ledger.entries skips blank lines; map each entry back to its line number for our own errors.
-    linenos = [n for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
-    rows, refusals, history = [], [], []
-    for entry, lineno in zip(entries, linenos):
+def audit_ledger(file: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
+    ledger = Ledger(file)
+    verification = ledger.verify(expect_keys)  # raises LedgerError naming file:line for unreadable lines
+    rows, refusals, plans, history, timeline = [], [], [], [], []
+    for lineno, entry in ledger.lines():
+        where = f"{file}:{lineno}"
+        timeline.append({"line": lineno, "kind": entry["kind"], "run_id": entry.get("run_id", ""),
+                         "round": entry.get("round"), "time": entry.get("time"), "rule": entry.get("rule")})
         if entry["kind"] == "refusal":
             refusals.append({"run_id": entry.get("run_id", ""), "round": entry.get("round"),
                              "reason": entry.get("reason", "")})
-        elif entry["kind"] == "charge":
-            history.append(_step(entry, f"{file}:{lineno}"))
-            rows.append(_row(entry, history))
+        elif entry["kind"] == "plan":
+            plans.append({k: entry.get(k) for k in ("run_id", "model", "sigma", "clip", "sample_rate", "rounds",
+                                                    "steps_per_round", "epsilon_budget", "delta", "unit",
+                                                    "policy", "time")} | {"line": lineno})
+        else:
+            history.append(_step(entry, where))
+            rows.append(_row(entry, history, lineno))
 
-    charges = [e for e in entries if e["kind"] == "charge"]
-    deltas = sorted({float(c["delta"]) for c in charges})
-    units = sorted({str(c.get("unit", "image")) for c in charges})
+    deltas = sorted({float(r["delta"]) for r in rows})
+    units = sorted({str(r["unit"]) for r in rows})
     delta = deltas[0] if deltas else None
-    notes = []
+    notes = list(verification["notes"])
     if len(deltas) > 1:
         notes.append(f"charges use different δ {deltas}; totals are at the smallest, δ={delta:g}")
     if len(units) > 1:
         notes.append(f"charges use different units {units}")
     mismatched = [[r["run_id"], r["round"]] for r in rows if r["check"] == "mismatch"]
+    disagree = [[r["run_id"], r["round"]] for r in rows if r["check"] == "prv>rdp"]
     totals = {
-        "epsilon_prv": epsilon(history, delta, "prv") if charges else 0.0,
-        "epsilon_rdp": rdp_epsilon(history, delta) if charges else 0.0,
+        "epsilon_prv": epsilon(history, delta, "prv") if rows else 0.0,
+        "epsilon_rdp": rdp_epsilon(history, delta) if rows else 0.0,
         "epsilon_recorded": rows[-1]["epsilon_recorded"] if rows else None,
-        "check": "mismatch" if mismatched else "ok",
+        "check": "mismatch" if mismatched else ("prv>rdp" if disagree else "ok"),
         "mismatched_rounds": mismatched,
+        "accountants_disagree": disagree,
         "delta": delta,
         "unit": units[0] if len(units) == 1 else ",".join(units) or "image",
         "steps": int(sum(s for _, _, s in history)),
@@ -69,7 +79,9 @@ def audit_ledger(file: Path) -> dict[str, Any]:
         "runs": list(dict.fromkeys(r["run_id"] for r in rows)),
         "notes": notes,
     }
-    return {"site": file.parent.name, "ledger": str(file), "charges": rows, "refusals": refusals, "totals": totals}
+    ok = verification["ok"] and totals["check"] == "ok"
+    return {"site": file.parent.name, "ledger": str(file), "ok": ok, "verification": verification,
+            "charges": rows, "refusals": refusals, "plans": plans, "timeline": timeline, "totals": totals}
 
 
 def _step(entry: dict[str, Any], where: str) -> Step:
@@ -80,22 +92,30 @@ def _step(entry: dict[str, Any], where: str) -> Step:
                           "q in (0, 1], a whole number of steps ≥ 0 and δ in (0, 1)")
     if entry.get("accountant", "prv") not in ACCOUNTANTS:
         raise LedgerError(f"{where}: accountant {entry['accountant']!r}; expected one of {ACCOUNTANTS}")
+    if entry.get("mechanism", MECHANISM) != MECHANISM:
+        raise LedgerError(f"{where}: mechanism {entry['mechanism']!r}; this audit recomputes {MECHANISM!r} only")
     return float(sigma), float(q), int(steps)
 
 
-def _row(entry: dict[str, Any], history: list[Step]) -> dict[str, Any]:
+def _row(entry: dict[str, Any], history: list[Step], lineno: int) -> dict[str, Any]:
     # The site records ε over its whole ledger so far, at this charge's δ, with this charge's accountant:
     # recompute exactly that, so a faithful ledger matches whatever accountant the site was configured with.
     recomputed = epsilon(history, entry["delta"], entry.get("accountant", "prv"))
+    rdp = rdp_epsilon(history, entry["delta"])
+    prv = recomputed if entry.get("accountant", "prv") == "prv" else epsilon(history, entry["delta"], "prv")
     recorded = entry.get("epsilon_after")
     if not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
         check, recorded = "unrecorded", None
+    elif not math.isclose(recorded, recomputed, rel_tol=REL_TOL, abs_tol=1e-9):
+        check = "mismatch"
     else:
-        check = "ok" if math.isclose(recorded, recomputed, rel_tol=REL_TOL, abs_tol=1e-9) else "mismatch"
-    return {"run_id": entry.get("run_id", ""), "round": entry.get("round"), "sigma": entry["sigma"],
+        check = "ok" if prv <= rdp * (1 + REL_TOL) + 1e-9 else "prv>rdp"
+    return {"run_id": entry.get("run_id", ""), "round": entry.get("round"), "line": lineno,
+            "time": entry.get("time"), "mechanism": entry.get("mechanism", MECHANISM), "sigma": entry["sigma"],
             "clip": entry["clip"], "sample_rate": entry["sample_rate"], "steps": int(entry["steps"]),
-            "delta": entry["delta"], "accountant": entry.get("accountant", "prv"),
-            "epsilon_recorded": recorded, "epsilon_recomputed": recomputed, "check": check}
+            "delta": entry["delta"], "unit": entry.get("unit", "image"), "accountant": entry.get("accountant", "prv"),
+            "released": entry.get("released"), "weights_sha256": entry.get("weights_sha256"),
+            "epsilon_recorded": recorded, "epsilon_recomputed": recomputed, "epsilon_rdp": rdp, "check": check}
 
 
 def rdp_epsilon(history: list[Step], delta: float) -> float:
@@ -103,7 +123,7 @@ def rdp_epsilon(history: list[Step], delta: float) -> float:
     import dp_accounting  # imported late: only the audit needs this second accountant
     from dp_accounting.rdp import RdpAccountant
 
-    acc = RdpAccountant()  # add-or-remove-one neighbours, as in Opacus: the unit is one image
+    acc = RdpAccountant()  # add-or-remove-one neighbours, as in Opacus
     with _quiet("absl"):  # it warns for each fractional order it can't evaluate and then skips; not our news
         for sigma, q, steps in merge_history(history):
             acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
@@ -121,19 +141,36 @@ def _quiet(name: str):
         logger.setLevel(old)
 
 
+MAX_PROBLEMS = 20  # per site in the text report (--json has them all)
+
+
 def format_audit(report: dict[str, Any]) -> str:
     out = []
     for site in report["sites"]:
-        t = site["totals"]
+        t, v = site["totals"], site["verification"]
+        key = f"key {v['key'][:16]} ({v['key_source']})" if v["key"] else f"key: {v['key_source']}"
         out += [f"site {site['site']}  ({site['ledger']})",
-                f"  {'run':<20} {'round':>5} {'σ':>7} {'C':>6} {'q':>7} {'steps':>6} {'acct':>4} "
-                f"{'ε recorded':>11} {'ε recomputed':>13}  check"]
-        for r in site["charges"]:
+                f"  ledger: {v['entries']} entries, {key}; chain and signatures: "
+                + ("verified" if v["ok"] else f"FAILED ({len(v['problems'])} problem(s))")]
+        out += [f"  ✗ {describe(p)}" for p in v["problems"][:MAX_PROBLEMS]]
+        if len(v["problems"]) > MAX_PROBLEMS:
+            out.append(f"  ✗ … and {len(v['problems']) - MAX_PROBLEMS} more (see --json)")
+        out.append(f"  {'run':<16} {'round':>5} {'released':>14} {'σ':>7} {'C':>5} {'q':>6} {'steps':>5} {'unit':>7} "
+                   f"{'acct':>4} {'ε recorded':>10} {'ε PRV':>8} {'ε RDP':>8}  check")
+        charges = {r["line"]: r for r in site["charges"]}
+        events = [e for e in site["timeline"] if e["kind"] != "plan"]
+        for e in events:
+            r = charges.get(e["line"], e)
+            if e["kind"] == "refusal":
+                out.append(f"  {str(r['run_id']):<16} {str(r['round']):>5} {'refused':>14}  "
+                           f"rule {r['rule'] or '-'} (reason below)")
+                continue
             rec = "-" if r["epsilon_recorded"] is None else f"{r['epsilon_recorded']:.4f}"
-            out.append(f"  {str(r['run_id']):<20} {str(r['round']):>5} {r['sigma']:>7.4g} {r['clip']:>6.3g} "
-                       f"{r['sample_rate']:>7.3g} {r['steps']:>6} {r['accountant']:>4} {rec:>11} {r['epsilon_recomputed']:>13.4f}  "
-                       f"{r['check']}")
-        if not site["charges"]:
+            out.append(f"  {str(r['run_id']):<16} {str(r['round']):>5} {str(r['released'] or '-'):>14} "
+                       f"{r['sigma']:>7.4g} {r['clip']:>5.3g} {r['sample_rate']:>6.3g} {r['steps']:>5} "
+                       f"{r['unit']:>7} {r['accountant']:>4} {rec:>10} {r['epsilon_recomputed']:>8.4f} "
+                       f"{r['epsilon_rdp']:>8.4f}  {r['check']}")
+        if not events:
             out.append("  (no charges)")
         for r in site["refusals"]:
             out.append(f"  refused: {r['run_id']} round {r['round']}: {r['reason']}")
@@ -141,8 +178,11 @@ def format_audit(report: dict[str, Any]) -> str:
         delta = "-" if t["delta"] is None else f"{t['delta']:g}"
         out.append(f"  ε (PRV) = {t['epsilon_prv']:.4f}, ε (RDP, dp-accounting) = {t['epsilon_rdp']:.4f}, "
                    f"recorded = {rec} at δ = {delta}, unit {t['unit']}")
+        bad = t["mismatched_rounds"] or t["accountants_disagree"]
         out.append(f"  {t['steps']} steps over {t['rounds']} rounds in {len(t['runs'])} run(s) "
-                   f"{t['runs']}; check: {t['check']}"
-                   + (f" (rounds {t['mismatched_rounds']})" if t["mismatched_rounds"] else ""))
-        out += [f"  note: {n}" for n in t["notes"]] + [""]
+                   f"{t['runs']}; ε check: {t['check']}" + (f" (rounds {bad})" if bad else ""))
+        out += [f"  note: {n}" for n in t["notes"]]
+        out += [f"  verdict: {'OK' if site['ok'] else 'FAILED'}", ""]
+    out.append("audit: OK — every ledger verifies and every recorded ε matches" if report["ok"] else
+               "audit: FAILED — see the ✗ lines and the checks above")
     return "\n".join(out).rstrip() + "\n"

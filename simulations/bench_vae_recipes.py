@@ -26,8 +26,10 @@ RECIPES = {
     "conv decoder, Adam 2e-3 (baseline-like)": (dict(latent_dim=16, width=32), 0.1, 90, 2e-3, 2e-3),
     "linear decoder, Adam 1e-2": (dict(latent_dim=16, width=0, coarse=1), 0.1, 90, 1e-2, 1e-2),
     "linear half-res decoder, q=0.5, Adam 3e-3": (dict(latent_dim=16, width=0, coarse=2), 0.5, 300, 3e-3, 3e-3),
-    "linear half-res, latent 4, q=0.3, cosine 2e-2→5e-4 (default)": (
+    "linear half-res, latent 4, q=0.3, 400 steps, cosine 2e-2→5e-4": (
         dict(latent_dim=4, width=0, coarse=2), 0.3, 400, 2e-2, 5e-4),
+    "linear half-res, latent 4, q=0.3, 800 steps, cosine 2e-2→5e-4 (default)": (
+        dict(latent_dim=4, width=0, coarse=2), 0.3, 800, 2e-2, 5e-4),
     "linear half-res, latent 8, q=0.5, cosine 2e-2→5e-4": (dict(latent_dim=8, width=0, coarse=2), 0.5, 300, 2e-2, 5e-4),
 }
 

@@ -89,7 +89,19 @@ def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     seconds = time.time() - t0
     report_agreement(run, data, names, seconds)
+    write_release_report(run)
     return run.run_dir
+
+
+def write_release_report(run: RunConfig) -> None:
+    """report.json + report.html in the run folder (``fedsynth evaluate``), its headline added to summary.txt."""
+    from server.checkpoint import atomic_write_bytes
+
+    from .report import evaluate, headline
+    lines = headline(evaluate(run.run_dir, seed=run.seed))
+    summary = run.run_dir / "summary.txt"
+    text = summary.read_text() + "\nrelease report (report.html, report.json):\n" + "".join(f"  {x}\n" for x in lines)
+    atomic_write_bytes(summary, text.encode())
 
 
 def partition_table_header(run: RunConfig) -> str:

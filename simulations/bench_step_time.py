@@ -1,0 +1,99 @@
+"""Benchmark: private vs non-private training step time per family, and sampling throughput.
+
+``python -m simulations.bench_step_time [--batch 376] [--reps 20] [--threads 1]`` trains two copies of each
+family side by side in one process on the same real batch of the bundled data (376 ≈ the demo's expected
+batch: q = 0.3 of a 1,255-image site): one through the site's DP parts (Opacus GradSampleModule +
+DPOptimizer, σ = 1, C = 1, accountant attached, exactly as ``client.trainer``), one through the same
+``train_step`` with a plain module and optimizer. Steps alternate between the two and the medians are
+compared. Then the released model's sampling throughput (images/s; for diffusion ms/image at its default
+DDIM steps). One thread by default: what a simulated site gets.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from client.data import load_dataset
+from client.trainer import dp_parts
+from fedsynth.config import DEFAULT_DATA, RunConfig
+from models import FAMILIES, build_generator
+
+TARGETS = {"vae": 1.5, "gan": 3.0, "diffusion": 2.0}  # private / non-private step time
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_times(family: str, x, y, reps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    base = build_generator(family, **RunConfig(model=family).model_kwargs())
+    lr = FAMILIES[family].default_lr[0]
+    dp_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
+    private, dp_opt, acc = dp_parts(dp_model, sigma=1.0, clip=1.0, sample_rate=0.3, expected_batch_size=len(x),
+                                    lr=lr)
+    dp_pub = dp_model.public_optimizer(lr)
+    plain = plain_model.private_module()
+    plain_opt, plain_pub = plain_model.optimizer(plain.parameters(), lr), plain_model.public_optimizer(lr)
+    runs = {"private": lambda: dp_model.train_step(private, dp_opt, x, y, public=dp_pub),
+            "plain": lambda: plain_model.train_step(plain, plain_opt, x, y, public=plain_pub)}
+    if family == "gan":  # the D step alone: the only part Opacus touches
+        runs["private D"] = lambda: dp_model.d_step(private, dp_opt, x, y)
+        runs["plain D"] = lambda: plain_model.d_step(plain, plain_opt, x, y)
+    dp_model.train(), plain_model.train()
+    times = {k: [] for k in runs}
+    for i in range(reps + 2):
+        for name, fn in runs.items():
+            t = _timed(fn)
+            if i >= 2:  # warm-up
+                times[name].append(t)
+    assert sum(n for _, _, n in acc.history) == (reps + 2) * (2 if family == "gan" else 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sampling(family: str, n: int) -> float:
+    torch.manual_seed(0)
+    model = build_generator(family, **RunConfig(model=family).model_kwargs()).eval()
+    g = torch.Generator().manual_seed(0)
+    model.sample(min(n, 64), generator=g)  # warm-up
+    return min(_timed(lambda: model.sample(n, generator=g)) for _ in range(3))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=376, help="real images per step")
+    p.add_argument("--reps", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_dataset(DEFAULT_DATA, "train")
+    x, y = torch.from_numpy(data.images[:args.batch]), torch.from_numpy(data.labels[:args.batch])
+    print(f"batch {args.batch} real images (bundled PneumoniaMNIST), {args.threads} thread(s), "
+          f"median of {args.reps} steps, torch {torch.__version__}")
+    for fam in args.families:
+        model = build_generator(fam, **RunConfig(model=fam).model_kwargs())
+        n_priv = sum(p.numel() for p in model.private_module().parameters())
+        t = step_times(fam, x, y, args.reps)
+        ratio = t["private"] / t["plain"]
+        line = (f"{fam:<10} private params {n_priv:>7,}  step private {t['private'] * 1e3:7.1f} ms  "
+                f"non-private {t['plain'] * 1e3:7.1f} ms  ratio {ratio:4.2f}x (target ≤ {TARGETS[fam]}x)")
+        if "private D" in t:
+            line += (f"\n{'':<10} D step alone: private {t['private D'] * 1e3:7.1f} ms  non-private "
+                     f"{t['plain D'] * 1e3:7.1f} ms  ratio {t['private D'] / t['plain D']:4.2f}x")
+        print(line, flush=True)
+    for fam in args.families:
+        n = 200 if fam == "diffusion" else 5000
+        s = sampling(fam, n)
+        extra = f", {getattr(build_generator(fam), 'sampler_steps', '')} DDIM steps" if fam == "diffusion" else ""
+        print(f"{fam:<10} sampling {n / s:9,.0f} img/s  ({s / n * 1e3:.3f} ms/img{extra})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Diffusion: K noise draws of one image are one privacy unit, and the DP gradient is the right objective.
+
+Real Opacus throughout (the trainer's own ``dp_parts`` and ``train_private``), and one tiny federation through
+the real Flower engine with SecAgg+.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from client.data import ImageDataset, load_dataset
+from client.trainer import dp_parts, train_private
+from fedsynth.config import DEFAULT_DATA
+from models import FAMILIES, build_generator
+from models.diffusion import average_copies
+from opacus import GradSampleModule
+from simulations.runner import simulate
+
+K = 4
+C_SMALL = 1e-4  # below every per-image gradient norm here: every row gets clipped
+
+
+@pytest.fixture(scope="module")
+def data() -> ImageDataset:
+    full = load_dataset(DEFAULT_DATA, "train")
+    return full.subset(np.random.default_rng(0).choice(len(full), 60, replace=False))
+
+
+def model_and_dp(sigma=0.0, clip=1.0, expected_batch_size=1, k=K, model=None):
+    torch.manual_seed(0)
+    model = model or build_generator("diffusion", noise_multiplicity=k, unet_width=8)
+    private, optimizer, acc = dp_parts(model, sigma=sigma, clip=clip, sample_rate=0.1,
+                                       expected_batch_size=expected_batch_size, lr=1e-3)
+    return model.train(), private, optimizer, acc
+
+
+def grad_norm(module) -> float:
+    return float(torch.sqrt(sum(p.grad.pow(2).sum() for p in module.parameters())))
+
+
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_k_copies_of_an_image_move_the_model_by_at_most_c(data, n_images):
+    """Noise 0, expected batch 1: p.grad is the sum of the clipped per-image rows. C is far below any
+    image's gradient norm (GroupNorm makes scaling the image up moot), so every row is clipped and the sum
+    is at most n_images·C — not n_images·K·C as stock Opacus would give."""
+    model, private, optimizer, acc = model_and_dp(clip=C_SMALL)
+    x, y = torch.from_numpy(data.images[:n_images]) * 1e3, torch.from_numpy(data.labels[:n_images])
+    model.train_step(private, optimizer, x, y)
+    assert all(p.grad_sample.shape[0] == n_images for p in model.net.parameters())  # one row per image
+    norm = grad_norm(model.net)
+    assert norm <= n_images * C_SMALL * (1 + 1e-4)
+    if n_images == 1:
+        assert norm >= 0.99 * C_SMALL, "the image's row should be clipped to exactly C"
+    assert acc.history == [(0.0, 0.1, 1)]
+
+
+def test_control_without_averaging_one_image_would_count_k_times(data):
+    """The same single huge image without the averaging: K clipped rows, sum well above C."""
+    model, private, optimizer, acc = model_and_dp(clip=C_SMALL)
+    x, y = torch.from_numpy(data.images[:1]) * 1e3, torch.from_numpy(data.labels[:1])
+    optimizer.zero_grad(set_to_none=True)
+    xt, t, labels, noise = model.corrupt(x, y, K)
+    (private(xt, t, labels) - noise).pow(2).mean().backward()
+    optimizer.step()
+    assert all(p.grad_sample.shape[0] == K for p in model.net.parameters())
+    assert grad_norm(model.net) > 1.5 * C_SMALL
+
+
+def test_rows_are_each_images_mean_gradient_over_its_copies(data):
+    """Row i after averaging == the plain gradient of image i's mean loss over its own K copies."""
+    torch.manual_seed(0)
+    model = build_generator("diffusion", noise_multiplicity=K, unet_width=8).train()
+    plain = copy.deepcopy(model.net)
+    private = GradSampleModule(model.net, batch_first=True, loss_reduction="mean")
+    x, y = torch.from_numpy(data.images[:3]), torch.from_numpy(data.labels[:3])
+    xt, t, labels, noise = model.corrupt(x, y, K)
+    (private(xt, t, labels) - noise).pow(2).mean().backward()
+    average_copies(private, K)
+    for i in range(3):
+        rows = slice(i * K, (i + 1) * K)
+        plain.zero_grad()
+        (plain(xt[rows], t[rows], labels[rows]) - noise[rows]).pow(2).mean().backward()
+        for (name, p), q in zip(model.net.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dp_gradient_without_noise_or_clipping_is_the_plain_mean_gradient(data):
+    """Loss scaling: with σ = 0, no effective clipping and the expected batch = B images, the DP step's
+    gradient equals the non-private gradient of the mean loss over all B·K rows (same noise draws)."""
+    x, y = torch.from_numpy(data.images[:5]), torch.from_numpy(data.labels[:5])
+    torch.manual_seed(0)
+    model = build_generator("diffusion", noise_multiplicity=K, unet_width=8)
+    plain_model = copy.deepcopy(model).train()  # before Opacus hooks the original
+    model, private, optimizer, acc = model_and_dp(clip=1e6, expected_batch_size=5, model=model)
+    torch.manual_seed(1)
+    model.train_step(private, optimizer, x, y)
+    plain_opt = plain_model.optimizer(plain_model.net.parameters(), 1e-3)
+    torch.manual_seed(1)
+    plain_model.train_step(plain_model.net, plain_opt, x, y)
+    for p, q in zip(model.net.parameters(), plain_model.net.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_accountant_counts_optimizer_steps_not_copies(data):
+    model = build_generator("diffusion", noise_multiplicity=K, unet_width=8)
+    result = train_private(model, data, sigma=1.3, clip=1.0, sample_rate=0.2, steps=3, lr=1e-3, seed=0)
+    assert result.steps == 3 and result.history == [(1.3, 0.2, 3)]
+
+
+def test_ema_is_post_processing_outside_the_private_module(data):
+    model, private, optimizer, acc = model_and_dp(sigma=1.0)
+    assert not any(p is e for p in model.private_module().parameters() for e in model.ema.parameters())
+    assert {n.split(".")[0] for n in model.shared_weights()} == {"net", "ema"}
+    ema_before = [e.detach().clone() for e in model.ema.parameters()]
+    model.train_step(private, optimizer, torch.from_numpy(data.images[:4]), torch.from_numpy(data.labels[:4]))
+    for before, e, p in zip(ema_before, model.ema.parameters(), model.net.parameters()):
+        torch.testing.assert_close(e, before + (1 - model.ema_decay) * (p.detach() - before))
+    assert acc.history == [(1.0, 0.1, 1)]
+
+
+def test_ddim_sampler_is_deterministic_and_in_range():
+    model = build_generator("diffusion", sampler_steps=3)
+    labels = torch.tensor([0, 1, 1, 0])
+    a = model.sample(4, labels, generator=torch.Generator().manual_seed(5))
+    b = model.sample(4, labels, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    c = model.sample(4, labels, generator=torch.Generator().manual_seed(5), steps=6)
+    assert not torch.equal(a, c)
+
+
+def test_tiny_federation_with_secagg(make_run):
+    lr, lr_final = FAMILIES["diffusion"].default_lr
+    run = make_run("diffusion-fed", model="diffusion", rounds=1, secure=True, lr=lr, lr_final=lr_final)
+    run_dir = simulate(run)
+    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt", "agreement.json",
+                 "checkpoints/round-001.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "diffusion"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["sites"] for r in metrics["rounds"] if r.get("sites")] == [["site-0", "site-1"]]
+    assert "on (SecAgg+)" in (run_dir / "summary.txt").read_text()
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for site in ("site-0", "site-1"):
+        assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
+        assert privacy[site]["steps"] == 2  # optimizer steps, not K times as many
