@@ -85,3 +85,33 @@ def copy_state(tmp_path_factory):
         return dest
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def run_tiny_family(make_run):
+    """``run_tiny_family(family)``: see ``_run_tiny_family``."""
+    return lambda family: _run_tiny_family(make_run, family)
+
+
+def _run_tiny_family(make_run, family: str):
+    """A 2-site, 1-round SecAgg+ federation of ``family`` with its own learning rates; checks what every
+    family's run folder must hold and returns (run, run_dir, privacy)."""
+    import json
+
+    from models import FAMILIES
+    from simulations.runner import simulate
+
+    lr, lr_final = FAMILIES[family].default_lr
+    run = make_run(f"{family}-fed", model=family, rounds=1, secure=True, lr=lr, lr_final=lr_final)
+    run_dir = simulate(run)
+    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt", "agreement.json",
+                 "checkpoints/round-001.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text())["model"] == family
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["sites"] for r in metrics["rounds"] if r.get("sites")] == [["site-0", "site-1"]]
+    assert "on (SecAgg+)" in (run_dir / "summary.txt").read_text()
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for site in ("site-0", "site-1"):
+        assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
+    return run, run_dir, privacy

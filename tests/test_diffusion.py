@@ -6,7 +6,6 @@ the real Flower engine with SecAgg+.
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -15,10 +14,9 @@ import torch
 from client.data import ImageDataset, load_dataset
 from client.trainer import dp_parts, train_private
 from fedsynth.config import DEFAULT_DATA
-from models import FAMILIES, build_generator
+from models import build_generator
 from models.diffusion import average_copies
 from opacus import GradSampleModule
-from simulations.runner import simulate
 
 K = 4
 C_SMALL = 1e-4  # below every per-image gradient norm here: every row gets clipped
@@ -132,18 +130,7 @@ def test_ddim_sampler_is_deterministic_and_in_range():
     assert not torch.equal(a, c)
 
 
-def test_tiny_federation_with_secagg(make_run):
-    lr, lr_final = FAMILIES["diffusion"].default_lr
-    run = make_run("diffusion-fed", model="diffusion", rounds=1, secure=True, lr=lr, lr_final=lr_final)
-    run_dir = simulate(run)
-    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt", "agreement.json",
-                 "checkpoints/round-001.safetensors"):
-        assert (run_dir / name).is_file(), name
-    assert json.loads((run_dir / "config.json").read_text())["model"] == "diffusion"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["sites"] for r in metrics["rounds"] if r.get("sites")] == [["site-0", "site-1"]]
-    assert "on (SecAgg+)" in (run_dir / "summary.txt").read_text()
-    privacy = json.loads((run_dir / "privacy.json").read_text())
+def test_tiny_federation_with_secagg(run_tiny_family):
+    run, run_dir, privacy = run_tiny_family("diffusion")
     for site in ("site-0", "site-1"):
-        assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
         assert privacy[site]["steps"] == 2  # optimizer steps, not K times as many

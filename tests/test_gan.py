@@ -6,7 +6,6 @@ one tiny federation through the real Flower engine with SecAgg+.
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ import torch.nn.functional as F
 from client.data import load_dataset
 from client.trainer import dp_parts
 from fedsynth.config import DEFAULT_DATA
-from models import FAMILIES, build_generator
+from models import build_generator
 from server.checkpoint import load_weights
-from simulations.runner import simulate
 
 SIGMA, Q = 1.1, 0.1
 
@@ -146,20 +144,9 @@ def test_weights_travel_as_one_prefixed_record():
     assert list(model.state_dict()) == names
 
 
-def test_tiny_federation_with_secagg(make_run):
-    lr, lr_final = FAMILIES["gan"].default_lr
-    run = make_run("gan-fed", model="gan", rounds=1, secure=True, lr=lr, lr_final=lr_final)
-    run_dir = simulate(run)
-    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt", "agreement.json",
-                 "checkpoints/round-001.safetensors"):
-        assert (run_dir / name).is_file(), name
-    assert json.loads((run_dir / "config.json").read_text())["model"] == "gan"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["sites"] for r in metrics["rounds"] if r.get("sites")] == [["site-0", "site-1"]]
-    assert "on (SecAgg+)" in (run_dir / "summary.txt").read_text()
-    privacy = json.loads((run_dir / "privacy.json").read_text())
+def test_tiny_federation_with_secagg(run_tiny_family):
+    run, run_dir, privacy = run_tiny_family("gan")
     for site in ("site-0", "site-1"):
-        assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
         assert privacy[site]["steps"] == 2 and privacy[site]["sample-rate"] == run.sample_rate
     weights = load_weights(run_dir / "weights.safetensors")
     torch.manual_seed(run.seed)  # the server's initial model (FedSynthStrategy seeds it with run.seed)
