@@ -1,5 +1,6 @@
 """Site data intake: MedMNIST-style .npz files or one-folder-per-class image trees, loaded into one
-in-memory format (float32 (N, C, H, W) in [0, 1], int64 labels) with errors that name the bad file."""
+in-memory format (float32 (N, C, H, W) in [0, 1], int64 labels) with errors that name the bad file.
+A hospital's DICOM / NIfTI files and manifest CSVs go through ``client/intake.py`` into the same format."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ class ImageDataset:
     classes: list[str]
     source: str
     patient_ids: np.ndarray | None = None  # (N,) one id per image when the unit of privacy is a patient
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason) of files the intake could not read (client/intake.py)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
@@ -56,14 +58,23 @@ class ImageDataset:
 
 
 def load_dataset(path: str | Path, split: str = "train", resolution: int | None = 28,
-                 num_classes: int | None = None) -> ImageDataset:
+                 num_classes: int | None = None, slice_axis: int | str = "axial") -> ImageDataset:
+    """``path``: a .npz, a manifest .csv, or a folder (manifest.csv inside, or one subfolder per class of
+    PNG/JPEG, DICOM or NIfTI files). ``slice_axis``: how NIfTI volumes are sliced (``client/nifti.py``)."""
     p = Path(path)
-    if p.is_dir():
-        return load_image_folder(p, resolution)
+    if p.is_dir() or p.suffix.lower() == ".csv":
+        # imported here: an .npz site (every simulation) never pays for importing pydicom and nibabel
+        from . import intake
+        if p.is_dir() and not intake.is_medical_folder(p):
+            return load_image_folder(p, resolution)
+        _check_resolution(resolution, p, allow_none=False)
+        load = intake.load_medical_folder if p.is_dir() else intake.load_manifest
+        return load(p, split, resolution, num_classes, slice_axis)
     if p.suffix.lower() == ".npz":
         return load_npz(p, split, resolution, num_classes)
     what = "unsupported file" if p.exists() else "path does not exist"
-    raise DataError(f"{p}: {what}; expected a .npz file or a folder with one subfolder of PNG/JPEG images per class")
+    raise DataError(f"{p}: {what}; expected a .npz file, a manifest .csv, or a folder with one subfolder of "
+                    "PNG/JPEG, DICOM or NIfTI images per class")
 
 
 def load_npz(path: str | Path, split: str = "train", resolution: int | None = 28,

@@ -24,6 +24,7 @@ from privacy.policy import SitePolicy, policy_from_node_config
 from privacy.verify import describe
 
 from .data import ImageDataset, load_dataset
+from .outbox import load_update, outbox_path
 
 log = logging.getLogger("fedsynth.client")
 POLICY_FILE = "policy.json"  # simulation: STATE_DIR/site-K/policy.json, if the hospital (or researcher) wrote one
@@ -44,10 +45,13 @@ class SiteConfig:
     ledger_path: Path
     policy: SitePolicy = field(default_factory=SitePolicy)
     key_path: Path | None = None  # the ledger's signing key; default site.key beside the ledger
+    canaries: Path | None = None  # simulation with --audit-canaries: this run's canary file (simulations/canaries.py)
+    slice_axis: str = "axial"  # node config slice-axis: how NIfTI volumes are sliced (client/nifti.py)
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], run: RunConfig) -> "SiteConfig":
-        """Deployment: keys ``site-name``, ``data-path``, ``ledger-path``, ``ledger-key``, the policy keys of
+        """Deployment: keys ``site-name``, ``data-path`` (``client/data.py`` load_dataset: .npz, manifest .csv or
+        folder), ``slice-axis`` (NIfTI only), ``ledger-path``, ``ledger-key``, the policy keys of
         ``privacy.policy`` (``max-epsilon``, ``max-delta``, ``min-sigma``, ``max-clip``, ``max-rounds``,
         ``allowed-models``) and/or ``policy-file`` (JSON with the same keys).
 
@@ -71,7 +75,15 @@ class SiteConfig:
                              f"got keys {sorted(node_config)}")
         policy = policy_from_node_config(node_config, ledger.parent / POLICY_FILE)
         key = Path(str(node_config["ledger-key"])) if "ledger-key" in node_config else None
-        return cls(name, data, ledger, policy, key)
+        canaries = None
+        if run.audit_canaries and "data-path" not in node_config:  # simulation only: a hospital plants none
+            from simulations.canaries import CANARY_SITE, canary_file
+            if name == CANARY_SITE:
+                canaries = canary_file(run.state_dir, run.run_id)
+                if not canaries.is_file():
+                    raise ValueError(f"{canaries}: missing; audit-canaries={run.audit_canaries} needs the canaries "
+                                     "that `fedsynth simulate --audit-canaries` plants before the run")
+        return cls(name, data, ledger, policy, key, canaries, str(node_config.get("slice-axis", "axial")))
 
 
 class Site:
@@ -79,9 +91,13 @@ class Site:
         self.config = config
         self.policy = config.policy
         self.ledger = Ledger(config.ledger_path, config.key_path)
-        self.train = load_dataset(config.data_path, "train", resolution, num_classes)
+        self.train = load_dataset(config.data_path, "train", resolution, num_classes, config.slice_axis)
+        if config.canaries is not None:  # the included canaries are trained on (and charged) like any image
+            from simulations.canaries import with_canaries
+            self.train = with_canaries(self.train, config.canaries)
         try:
-            self.holdout: ImageDataset | None = load_dataset(config.data_path, "val", resolution, num_classes)
+            self.holdout: ImageDataset | None = load_dataset(config.data_path, "val", resolution, num_classes,
+                                                             config.slice_axis)
         except ValueError:
             self.holdout = None  # a hospital folder without a holdout split: evaluation is skipped
 
@@ -151,6 +167,8 @@ class Site:
         if server_round > plan["rounds"]:
             raise self._refused(f"round {server_round} is past the {plan['rounds']} rounds agreed", "rounds")
         if self.ledger.rounds().count((run.run_id, server_round)):
+            if self.replayable(run, server_round):
+                return plan  # a restarted server asks again: re-send the update already paid for (client/outbox.py)
             raise self._refused(f"round {server_round} of {run.run_id} was already charged", "already-charged")
         budget = self.policy.budget(plan["epsilon_budget"], plan["delta"])[0]
         after = epsilon(self.ledger.history() + [(plan["sigma"], plan["sample_rate"], plan["steps_per_round"])],
@@ -159,6 +177,18 @@ class Site:
             raise self._refused(f"budget: round {server_round} would bring ε to {after:.3f}, above the budget "
                                 f"ε={budget:g}", "budget")
         return plan
+
+    def charge_for(self, run: RunConfig, server_round: int) -> dict[str, Any] | None:
+        found = [e for e in self.ledger.charges() if e.get("run_id") == run.run_id and e.get("round") == server_round]
+        return found[-1] if found else None
+
+    def replayable(self, run: RunConfig, server_round: int) -> bool:
+        """Whether this round's charged update is in the outbox, so it can be re-sent without a new charge."""
+        charge = self.charge_for(run, server_round)
+        if charge is None or charge.get("released") != "weights":
+            return False
+        kept = load_update(outbox_path(self.config.ledger_path, run.run_id, server_round))
+        return kept is not None and kept[1].get("weights_sha256") == charge.get("weights_sha256")
 
     def refuse(self, run: RunConfig, server_round: int, reason: str, rule: str = "") -> None:
         try:
@@ -202,7 +232,9 @@ class Site:
             "sigma": float(plan["sigma"]) if plan else "", "clip": float(plan.get("clip", run.clip)),
             "sample-rate": float(plan.get("sample_rate", run.sample_rate)),
             "steps": int(sum(c["steps"] for c in charges)), "rounds": len(charges),
-            "rounds-this-run": sum(1 for c in charges if c.get("run_id") == run.run_id)}
+            "rounds-this-run": sum(1 for c in charges if c.get("run_id") == run.run_id),
+            # which rounds of this run were charged: the server compares them with the rounds it used
+            "charged-rounds": ",".join(str(c["round"]) for c in charges if c.get("run_id") == run.run_id)}
 
 
 def _rule(message: str) -> str:

@@ -1,4 +1,4 @@
-"""The ``fedsynth`` command: simulate, generate, evaluate, audit. ``fedsynth COMMAND --help`` explains every flag."""
+"""The ``fedsynth`` command: simulate, generate, evaluate, audit, certs, server, client (``COMMAND --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise-multiplicity", type=int, default=D.noise_multiplicity,
                    help="diffusion: noise draws per image per DP step (together one privacy unit)")
     s.add_argument("--sampler-steps", type=int, default=D.sampler_steps, help="diffusion: DDIM sampling steps")
+    s.add_argument("--coarse", type=int, default=D.coarse,
+                   help="every family: the generator works at resolution/coarse and its samples are upsampled "
+                        "(fewer noisy parameters under DP); 1 = full resolution")
     s.add_argument("--partition", type=_partition, default=D.partition,
                    help="how the data is split: iid | dirichlet:ALPHA (label skew) | quantity:ALPHA (size skew)")
     s.add_argument("--secure", action=argparse.BooleanOptionalAction, default=D.secure,
@@ -61,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=D.out_dir, help="folder for run folders")
     s.add_argument("--run-id", default="", help="run folder name (default: a timestamp)")
     s.add_argument("--seed", type=int, default=D.seed, help="seed for partitions, models and noise")
+    s.add_argument("--audit-canaries", type=int, default=D.audit_canaries, metavar="M",
+                   help="plant M out-of-distribution canaries at site-0 (each trained on with probability ½) and "
+                        "report an empirical lower bound on its ε (one-run audit, Steinke et al. 2023); exits 3 "
+                        "if the bound exceeds the accounted ε; 0 = off")
+    s.add_argument("--fraction", type=float, default=D.fraction,
+                   help="share of the willing sites sampled per round (by site name, seeded by seed and round)")
+    s.add_argument("--dropout", type=float, default=D.dropout, metavar="P",
+                   help="simulate faults: each site drops out of each round with probability P, before training "
+                        "(nothing sent, nothing charged); drawn from the seed, round and site")
+    s.add_argument("--straggler", type=float, default=D.straggler, metavar="P",
+                   help="simulate faults: each site trains but answers only after --round-timeout with "
+                        "probability P (its update left: charged, not used)")
+    s.add_argument("--round-timeout", type=float, default=D.round_timeout, metavar="SECONDS",
+                   help="how long the server waits for a round's updates; later ones are left out")
+    s.add_argument("--max-update-norm", type=float, default=D.max_update_norm,
+                   help="the server rejects an update whose L2 distance to the global model exceeds this "
+                        "(under SecAgg+: the aggregate's)")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a killed run from its last complete checkpoint, with its own config.json "
+                        "(the other flags are ignored); no round is charged twice at any site")
 
     g = sub.add_parser("generate", help="sample synthetic images from a finished run")
     g.add_argument("run_dir", help="a run folder (holds weights.safetensors and config.json)")
@@ -88,7 +111,76 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--expect-key", action="append", default=[], metavar="FINGERPRINT",
                    help="pin the sites' public keys: sha256 fingerprint (hex, or its first ≥16 digits) that each "
                         "ledger's key must match; repeat for several sites")
+    a.add_argument("--anchors", action="append", default=[], metavar="RUN_DIR",
+                   help="also check that every ledger head the server recorded in RUN_DIR/ledger-heads.json (or "
+                        "that file) is still in the chain: catches a ledger rewritten and re-signed with the "
+                        "site's own key; repeat for several runs")
+    _add_deployment_parsers(sub, s)
     return p
+
+
+# Run-config flags `fedsynth server` shares with `simulate` (same actions, so help and defaults stay in step).
+SERVER_RUN_FLAGS = ("model", "rounds", "epsilon", "delta", "clip", "sample_rate", "local_epochs", "lr", "n_critic",
+                    "noise_multiplicity", "sampler_steps", "coarse", "secure", "fraction", "round_timeout", "max_update_norm",
+                    "out", "run_id", "seed")
+
+
+def _add_deployment_parsers(sub, simulate: argparse.ArgumentParser) -> None:
+    """``certs``, ``server`` and ``client``: a real deployment (see README, *For hospital IT*)."""
+    c = sub.add_parser("certs", help="create the CA, the SuperLink's TLS certificate and one SuperNode key per "
+                       "hospital (ECDSA P-384)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("dir", help="folder for ca.crt/ca.key, superlink/server.{crt,key}, hospitals/NAME/node.{key,pub}; "
+                   "an existing CA there is reused")
+    c.add_argument("--dns", action="append", default=[], metavar="NAME",
+                   help="a DNS name the hospitals use to reach the SuperLink (subject alternative name; repeatable)")
+    c.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
+                   help="an IP address the hospitals use to reach the SuperLink (repeatable)")
+    c.add_argument("--hospital", action="append", default=[], metavar="NAME",
+                   help="make a SuperNode authentication key pair for this hospital (repeatable)")
+    c.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate")
+    c.add_argument("--force", action="store_true", help="replace keys that already exist")
+
+    srv = sub.add_parser("server", help="coordinator: start a SuperLink (TLS, SuperNode authentication), register "
+                         "the hospitals and run the federation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    srv.add_argument("--certs", required=True, help="the folder `fedsynth certs` wrote")
+    srv.add_argument("--register", action="append", default=[], metavar="NODE.pub",
+                     help="a hospital's public key to admit (repeatable; default: every CERTS/hospitals/*/node.pub)")
+    srv.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    srv.add_argument("--port", type=int, default=9092, help="the SuperLink's one HTTPS port (open it to the hospitals)")
+    srv.add_argument("--sites", type=int, default=None,
+                     help="hospitals to wait for before round 1 (default: every registered key)")
+    for action in simulate._actions:  # argparse's own `parents=` shares action objects the same way
+        if action.dest in SERVER_RUN_FLAGS:
+            srv._add_action(action)
+    srv.add_argument("--flwr-home", default=None, help="private Flower folder (SuperLink connection, installed app, "
+                     "logs; default: OUT/.flwr) — your ~/.flwr is not touched")
+    srv.add_argument("--keep-superlink", action="store_true", help="leave the SuperLink running after the run")
+
+    cl = sub.add_parser("client", help="hospital: check the data and policy locally (dry run), then start a "
+                        "SuperNode (TLS, node key)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cl.add_argument("--data", required=True, help="the site's images: a MedMNIST-style .npz or a folder with one "
+                    "subfolder per class")
+    cl.add_argument("--site-name", default="", help="the site's name in reports (default: the data file's name)")
+    cl.add_argument("--ledger", default=None, help="the privacy ledger (default: ledger.jsonl beside the data)")
+    cl.add_argument("--ledger-key", default=None, help="the ledger's signing key (default: site.key beside the ledger)")
+    cl.add_argument("--policy-file", default=None, help="JSON file with the site's rules (keys as below)")
+    cl.add_argument("--max-epsilon", type=float, default=None, help="policy: total ε this site ever spends")
+    cl.add_argument("--max-delta", type=float, default=None, help="policy: largest δ")
+    cl.add_argument("--min-sigma", type=float, default=None, help="policy: smallest noise multiplier σ")
+    cl.add_argument("--max-clip", type=float, default=None, help="policy: largest clipping norm C")
+    cl.add_argument("--max-rounds", type=int, default=None, help="policy: most rounds per run")
+    cl.add_argument("--allowed-models", default=None, help="policy: comma-separated model families")
+    cl.add_argument("--resolution", type=int, default=D.resolution, help="image size the dry run resizes to")
+    cl.add_argument("--dry-run", action="store_true", help="only check and print; contact no one")
+    cl.add_argument("--superlink", default=None, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    cl.add_argument("--ca", default=None, help="the coordinator's CA certificate (ca.crt)")
+    cl.add_argument("--node-key", default=None, help="this hospital's node.key (from `fedsynth certs`)")
+    cl.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API (one per node on "
+                    "a machine; listens on 127.0.0.1 only)")
+    cl.add_argument("--flwr-home", default=None, help="private Flower folder (node config, installed app; default: "
+                    ".flwr beside the ledger)")
+    cl.add_argument("--max-wait-time", type=float, default=None,
+                    help="give up when the SuperLink can't be reached for this many seconds (default: keep trying)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command in DEPLOYMENT_COMMANDS:
+            return DEPLOYMENT_COMMANDS[args.command](args)
         return cmd_audit(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"fedsynth {args.command}: error: {exc}", file=sys.stderr)
@@ -114,18 +208,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from simulations.runner import simulate
+    from simulations.runner import resume_simulation, simulate
+    if args.resume:
+        run_dir = resume_simulation(Path(args.resume))
+        print((run_dir / "summary.txt").read_text())
+        print(f"results: {run_dir}")
+        return _canary_verdict(run_dir)
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites, epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    n_critic=args.n_critic, noise_multiplicity=args.noise_multiplicity,
+                    n_critic=args.n_critic, noise_multiplicity=args.noise_multiplicity, coarse=args.coarse,
                     sampler_steps=args.sampler_steps,
                     partition=args.partition, secure=args.secure, data_path=args.data, state_dir=args.state_dir,
-                    out_dir=args.out, seed=args.seed)
+                    out_dir=args.out, seed=args.seed, audit_canaries=args.audit_canaries,
+                    fraction=args.fraction, dropout=args.dropout, straggler=args.straggler,
+                    round_timeout=args.round_timeout, max_update_norm=args.max_update_norm)
     names = ["normal", "pneumonia"] if not args.data else None
     run_dir = simulate(run, names)
     print((run_dir / "summary.txt").read_text())
     print(f"results: {run_dir}")
+    return _canary_verdict(run_dir)
+
+
+def _canary_verdict(run_dir: Path) -> int:
+    """3 with a WARNING line when the canary audit's lower bound exceeds the accounted ε, else 0."""
+    from simulations.canaries import REPORT, warning
+    if not (run_dir / REPORT).is_file():
+        return 0
+    result = json.loads((run_dir / REPORT).read_text())
+    if result["exceeds-accounted"]:
+        print(warning(result), file=sys.stderr)
+        return 3
     return 0
 
 
@@ -155,7 +268,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_audit(args) -> int:
     from privacy.audit import audit, format_audit
-    report = audit(Path(args.path), args.expect_key)
+    from privacy.anchors import load_anchors
+    anchors = [a for run in args.anchors for a in load_anchors(Path(run))] if args.anchors else None
+    report = audit(Path(args.path), args.expect_key, anchors)
     print(json.dumps(report, indent=2) if args.json else format_audit(report), end="" if not args.json else "\n")
     if args.plot:
         from privacy.audit_plot import plot_audit
@@ -166,3 +281,58 @@ def cmd_audit(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_certs(args) -> int:
+    from .certs import make_certs
+    for path in make_certs(Path(args.dir), args.dns, args.ip, args.hospital, args.days, args.force):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_server(args) -> int:
+    from .coordinator import Deployment, check_deployment, serve
+    dep = Deployment(certs=Path(args.certs), host=args.host, port=args.port,
+                     public_keys=[Path(k) for k in args.register],
+                     flwr_home=Path(args.flwr_home) if args.flwr_home else None, keep_superlink=args.keep_superlink)
+    _, hospitals = check_deployment(dep)
+    run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
+                    sites=args.sites or len(hospitals), epsilon=args.epsilon, delta=args.delta, clip=args.clip,
+                    sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
+                    n_critic=args.n_critic, noise_multiplicity=args.noise_multiplicity, coarse=args.coarse,
+                    sampler_steps=args.sampler_steps, secure=args.secure, fraction=args.fraction,
+                    round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
+                    out_dir=args.out, seed=args.seed)
+    try:
+        run_dir = serve(run, dep)
+    except RuntimeError as exc:
+        print(f"fedsynth server: error: {exc}", file=sys.stderr)
+        return 1
+    print((run_dir / "summary.txt").read_text())
+    print(f"results: {run_dir}")
+    return 0
+
+
+def cmd_client(args) -> int:
+    from .hospital import Hospital, check_credentials, dry_run, run_supernode, start
+    policy = {"max-epsilon": args.max_epsilon, "max-delta": args.max_delta, "min-sigma": args.min_sigma,
+              "max-clip": args.max_clip, "max-rounds": args.max_rounds, "allowed-models": args.allowed_models}
+    hospital = Hospital(data=Path(args.data), site_name=args.site_name,
+                        ledger=Path(args.ledger) if args.ledger else None,
+                        ledger_key=Path(args.ledger_key) if args.ledger_key else None,
+                        policy=policy, policy_file=Path(args.policy_file) if args.policy_file else None)
+    if not args.dry_run:  # check what the SuperNode needs before the (slower) data check
+        missing = [f for f, v in (("--superlink", args.superlink), ("--ca", args.ca), ("--node-key", args.node_key))
+                   if not v]
+        if missing:
+            raise ValueError(f"to start a SuperNode, give {', '.join(missing)} (or --dry-run to only check)")
+        check_credentials(Path(args.ca), Path(args.node_key))
+    print(dry_run(hospital, args.resolution), flush=True)
+    if args.dry_run:
+        return 0
+    proc = start(hospital, args.superlink, Path(args.ca), Path(args.node_key),
+                 Path(args.flwr_home) if args.flwr_home else None, port=args.port, max_wait=args.max_wait_time)
+    return run_supernode(proc)
+
+
+DEPLOYMENT_COMMANDS = {"certs": cmd_certs, "server": cmd_server, "client": cmd_client}

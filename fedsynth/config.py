@@ -44,9 +44,20 @@ class RunConfig:
     partition: str = "dirichlet:1.0"
     holdout_fraction: float = 0.2
     seed: int = 0
+    fraction: float = 1.0  # share of the willing sites sampled per round (deterministic from seed and round)
+    # Robustness. dropout / straggler: simulated faults, per site and round with this probability (see
+    # client/faults.py); round-timeout: seconds the server waits for a round's updates (stragglers past it are
+    # left out); max-update-norm: L2 bound on a site's update (its weights minus the global model).
+    dropout: float = 0.0
+    straggler: float = 0.0
+    round_timeout: float = 600.0
+    max_update_norm: float = 1000.0
     data_path: str = ""
     state_dir: str = "state"
     out_dir: str = "runs"
+    # Simulation only: plant this many canaries at site-0 (each trained on with probability ½) and bound ε
+    # from below after training (privacy/canary_audit.py); 0 = off.
+    audit_canaries: int = 0
 
     def __post_init__(self):
         checks = [
@@ -65,6 +76,12 @@ class RunConfig:
             (self.n_critic >= 1, "n-critic", "an integer ≥ 1"),
             (self.noise_multiplicity >= 1, "noise-multiplicity", "an integer ≥ 1"),
             (self.sampler_steps >= 1, "sampler-steps", "an integer ≥ 1"),
+            (0 < self.fraction <= 1, "fraction", "a number in (0, 1]"),
+            (0 <= self.dropout < 1, "dropout", "a probability in [0, 1)"),
+            (0 <= self.straggler < 1, "straggler", "a probability in [0, 1)"),
+            (self.round_timeout > 0, "round-timeout", "a number of seconds > 0"),
+            (self.max_update_norm > 0, "max-update-norm", "a number > 0"),
+            (self.audit_canaries >= 0, "audit-canaries", "an integer ≥ 0 (0 = no canary audit)"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -25,3 +25,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def read_json_object(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from ``path``, or ``error`` naming the file and what was expected (``what``)."""
+    import json
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise error(f"{path}: expected a JSON object of {what}, got {type(values).__name__}")
+    return values

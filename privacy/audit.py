@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .accountant import ACCOUNTANTS, Step, epsilon, merge_history
+from .anchors import check_anchors
 from .ledger import MECHANISM, Ledger, LedgerError
 from .verify import describe
 
 REL_TOL = 0.01  # recorded vs recomputed ε: PRV is deterministic for the same history, so 1% is generous
 
 
-def audit(path: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
-    """Audit one ledger file, or every ``ledger.jsonl`` and ``*/ledger.jsonl`` in a folder."""
+def audit(path: Path, expect_keys: Iterable[str] = (), anchors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Audit one ledger file, or every ``ledger.jsonl`` and ``*/ledger.jsonl`` in a folder; with ``anchors``
+    (``privacy.anchors.load_anchors``) also check that every head the server anchored is still in the chain."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such ledger file or folder")
@@ -32,11 +34,12 @@ def audit(path: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
             raise ValueError(f"{path}: no ledger.jsonl or */ledger.jsonl in this folder")
     else:
         files = [path]
-    sites = [audit_ledger(f, expect_keys) for f in files]
+    sites = [audit_ledger(f, expect_keys, anchors) for f in files]
     return {"path": str(path), "ok": all(s["ok"] for s in sites), "sites": sites}
 
 
-def audit_ledger(file: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
+def audit_ledger(file: Path, expect_keys: Iterable[str] = (),
+                 anchors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     ledger = Ledger(file)
     verification = ledger.verify(expect_keys)  # raises LedgerError naming file:line for unreadable lines
     rows, refusals, plans, history, timeline = [], [], [], [], []
@@ -80,8 +83,12 @@ def audit_ledger(file: Path, expect_keys: Iterable[str] = ()) -> dict[str, Any]:
         "notes": notes,
     }
     ok = verification["ok"] and totals["check"] == "ok"
-    return {"site": file.parent.name, "ledger": str(file), "ok": ok, "verification": verification,
-            "charges": rows, "refusals": refusals, "plans": plans, "timeline": timeline, "totals": totals}
+    out = {"site": file.parent.name, "ledger": str(file), "ok": ok, "verification": verification,
+           "charges": rows, "refusals": refusals, "plans": plans, "timeline": timeline, "totals": totals}
+    if anchors is not None:
+        out["anchors"] = check_anchors(ledger, anchors)
+        out["ok"] = ok and not out["anchors"]["problems"]
+    return out
 
 
 def _step(entry: dict[str, Any], where: str) -> Step:
@@ -182,6 +189,12 @@ def format_audit(report: dict[str, Any]) -> str:
         out.append(f"  {t['steps']} steps over {t['rounds']} rounds in {len(t['runs'])} run(s) "
                    f"{t['runs']}; ε check: {t['check']}" + (f" (rounds {bad})" if bad else ""))
         out += [f"  note: {n}" for n in t["notes"]]
+        if "anchors" in site:
+            a = site["anchors"]
+            out.append(f"  anchored heads (server records): {a['checked']} checked, "
+                       + (f"{len(a['problems'])} FAILED" if a["problems"] else "all still in the chain"))
+            out += [f"  ✗ {describe(p)}" for p in a["problems"][:MAX_PROBLEMS]]
+            out += [f"  note: {n}" for n in a["notes"]]
         out += [f"  verdict: {'OK' if site['ok'] else 'FAILED'}", ""]
     out.append("audit: OK — every ledger verifies and every recorded ε matches" if report["ok"] else
                "audit: FAILED — see the ✗ lines and the checks above")

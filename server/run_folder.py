@@ -16,6 +16,8 @@ from fedsynth.config import RunConfig  # noqa: E402
 from models import Generator  # noqa: E402
 
 from .checkpoint import atomic_write_bytes, save_weights, write_json  # noqa: E402
+from .robustness_summary import charged_not_used, robustness_lines  # noqa: E402
+from .ledger_heads import write_ledger_heads  # noqa: E402
 
 PRIVACY_KEYS = ("epsilon", "delta", "epsilon-budget", "unit", "accountant", "sigma", "clip", "sample-rate",
                 "steps", "rounds", "rounds-this-run")
@@ -30,10 +32,12 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
     write_json(run_dir / "config.json", {**run.to_flower(), "class-names": class_names or []})
     rounds = [strategy.round_metrics[r] for r in sorted(strategy.round_metrics)]
     write_json(run_dir / "metrics.json", {"rounds": rounds, "refusals": strategy.refusals,
-                                          "seconds": round(seconds, 2), "stop-reason": stop_reason})
+                                          "seconds": round(seconds, 2), "stop-reason": stop_reason,
+                                          "charged-not-used": charged_not_used(strategy)})
     privacy = {site: {k: (None if m[k] == "" else m[k]) for k in PRIVACY_KEYS if k in m}  # "": never planned
                for site, m in sorted(strategy.sites.items())}
     write_json(run_dir / "privacy.json", privacy)
+    write_ledger_heads(run_dir, run.run_id, rounds)  # the sites' ledger heads per round (fedsynth audit --anchors)
     names = class_names or [f"class {c}" for c in range(run.num_classes)]
     save_png(run_dir / "samples.png", sample_grid(model, names, per_class=10, seed=run.seed))
     save_png(run_dir / "epsilon.png", epsilon_plot(rounds, privacy))
@@ -51,6 +55,7 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
                      f"{p['rounds']:>6}  {p['unit']} ({p['accountant']})")
     for r in strategy.refusals:
         lines.append(f"  refused: {r['site']} round {r['round']}: {r['reason']}")
+    lines += robustness_lines(strategy, rounds)
     lines += ["", "files: weights.safetensors config.json metrics.json privacy.json samples.png epsilon.png "
               "checkpoints/"]
     atomic_write_bytes(run_dir / "summary.txt", ("\n".join(lines) + "\n").encode())

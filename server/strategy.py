@@ -6,16 +6,21 @@ next round (the site decides; see client/site.py). The server records refusals a
 from __future__ import annotations
 
 import logging
+import random
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
 
 from fedsynth.config import RunConfig
+from fedsynth.layout import names_sha256
 from models import build_generator
+
+from .ledger_heads import heads_from_results
+from .update_check import update_problem
 
 log = logging.getLogger("fedsynth.server")
 
@@ -33,9 +38,13 @@ class FedSynthStrategy(FedAvg):
             initial_parameters=ndarrays_to_parameters(list(self.model.shared_weights().values())),
             on_fit_config_fn=self._config, on_evaluate_config_fn=self._config)
         self.willing: set[int] = set()
+        self.site_names: dict[int, str] = {}               # node id -> site name (from the roll call)
+        self.current: list[np.ndarray] = []                # the global model this round started from
         self.sites: dict[str, dict[str, Any]] = {}       # latest public status per site
         self.refusals: list[dict[str, Any]] = []          # (round, site, reason)
         self.round_metrics: dict[int, dict[str, Any]] = {}
+        self.secagg_note = ""                              # why SecAgg+ runs with its threshold (run summary)
+        self.rollcall_failures = 0                         # sites that did not answer the last roll call
 
     def _config(self, server_round: int) -> dict[str, Any]:
         return {**self.request, "server-round": server_round}
@@ -46,11 +55,13 @@ class FedSynthStrategy(FedAvg):
         for proxy, res in results:
             m = dict(res.metrics)
             self.sites[str(m["site"])] = m
+            self.site_names[proxy.node_id] = str(m["site"])
             if m.get("next-round-ok"):
                 self.willing.add(proxy.node_id)
             elif server_round < self.run.rounds:
                 self.refusals.append({"round": server_round + 1, "site": m["site"], "reason": m["next-round-reason"]})
                 log.warning("%s refuses round %d: %s", m["site"], server_round + 1, m["next-round-reason"])
+        self.rollcall_failures = len(failures)
         for failure in failures:
             log.warning("evaluate round %d: a site failed: %s", server_round, _reason(failure))
         entry = self.round_metrics.setdefault(server_round, {"round": server_round})
@@ -66,17 +77,38 @@ class FedSynthStrategy(FedAvg):
             return "secure aggregation needs at least 2 sites, only 1 can take part"
         return None
 
+    def site_of(self, node_id: int) -> str:
+        return self.site_names.get(node_id, f"node {node_id}")
+
     def configure_fit(self, server_round, parameters, client_manager):
-        chosen = super().configure_fit(server_round, parameters, client_manager)
-        return [(proxy, ins) for proxy, ins in chosen if proxy.node_id in self.willing]
+        """Sample ``fraction`` of the willing sites, by name and seeded by (seed, round): the same sites on
+        every run of the same seed, resumed ones included (node ids change between runs, names don't)."""
+        self.current = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
+        proxies = {p.node_id: p for p in client_manager.all().values() if p.node_id in self.willing}
+        names = sorted(proxies, key=self.site_of)
+        k = min(len(names), max(2 if self.run.secure else 1, round(self.run.fraction * len(names))))
+        chosen = sorted(random.Random(f"fedsynth-sample:{self.run.seed}:{server_round}").sample(names, k),
+                        key=self.site_of)
+        entry = self.round_metrics.setdefault(server_round, {"round": server_round})
+        entry["sampled"] = [self.site_of(n) for n in chosen]
+        ins = FitIns(parameters, self._config(server_round))
+        return [(proxies[n], ins) for n in chosen]
 
     # --- aggregation ----------------------------------------------------------------------------
     def aggregate_fit(self, server_round, results, failures):
         entry = self.round_metrics.setdefault(server_round, {"round": server_round})
+        entry["failures"] = sorted({_reason(f) for f in failures})  # SecAgg+ reports a failure once per stage
+        for f in entry["failures"]:
+            log.warning("round %d: a site's update failed: %s", server_round, f)
+        answered = {str(res.metrics.get("site")) for _, res in results}
+        entry["ledger-heads"] = heads_from_results(server_round, results)  # anchors (server/ledger_heads.py)
+        entry["no-answer"] = [s for s in entry.get("sampled", []) if s not in answered
+                              and not any(f"{s}:" in f for f in entry["failures"])]
+        for s in entry["no-answer"]:
+            log.warning("round %d: %s did not answer within %gs (straggler): its update is not used",
+                        server_round, s, self.run.round_timeout)
+        results = self._checked(server_round, results, entry)
         entry["sites"] = sorted(str(res.metrics.get("site")) for _, res in results)
-        entry["failures"] = [_reason(f) for f in failures]
-        for f in failures:
-            log.warning("round %d: a site's update failed: %s", server_round, _reason(f))
         if not results:
             return None, {}
         params, metrics = super().aggregate_fit(server_round, results, failures)
@@ -84,10 +116,58 @@ class FedSynthStrategy(FedAvg):
             return None, {}
         # SecAgg+ dequantizes to float64: back to float32 or every later message doubles in size.
         arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(params)]
-        if not all(np.isfinite(a).all() for a in arrays):
-            log.error("round %d: aggregate is not finite; keeping the previous global model", server_round)
-            return None, {}
+        if self.run.secure:  # the server sees only the sum: check that (see server/update_check.py)
+            problem = update_problem(arrays, self.current, self.run.max_update_norm)
+            if problem:
+                log.error("round %d: the secure aggregate is rejected (%s); keeping the previous global model",
+                          server_round, problem)
+                entry["rejected-aggregate"] = problem
+                entry["sites"] = []
+                return None, {}
         return ndarrays_to_parameters(arrays), metrics
+
+    def secure_round_halted(self, server_round, stage, sampled, active, failures) -> None:
+        """SecAgg+ stopped at ``stage`` (too few sites alive or in time): name who failed and who never answered."""
+        entry = self.round_metrics.setdefault(server_round, {"round": server_round})
+        entry["failures"] = sorted({_reason(f) for f in failures})
+        missing = sorted(self.site_of(n) for n in set(sampled) - set(active))
+        entry["no-answer"] = [s for s in missing if not any(f"{s}:" in f for f in entry["failures"])]
+        entry["halted-at"] = stage
+        for f in entry["failures"]:
+            log.warning("round %d: a site failed: %s", server_round, f)
+        log.error("round %d: secure aggregation halted at the %s stage: %d of %d sites alive, fewer than the "
+                  "threshold (no answer in time: %s)", server_round, stage, len(active), len(sampled),
+                  ", ".join(entry["no-answer"]) or "none")
+
+    def _checked(self, server_round, results, entry):
+        """Results whose updates may be averaged; each rejected one is logged and named in ``rejected``."""
+        expected = names_sha256(self.names)
+        kept, rejected = [], []
+        for proxy, res in results:
+            site = str(res.metrics.get("site", self.site_of(proxy.node_id)))
+            if self.run.secure:  # arrays are masked (summed later); only the public layout can be checked
+                problem = update_problem(self.current, self.current, np.inf, res.metrics.get("names-sha256"),
+                                         expected)
+            else:
+                try:
+                    arrays = parameters_to_ndarrays(res.parameters)
+                except Exception as exc:  # bytes that are not an ndarray
+                    arrays, problem = None, f"unreadable arrays ({type(exc).__name__}: {exc})"
+                if arrays is not None:
+                    problem = update_problem(arrays, self.current, self.run.max_update_norm,
+                                             res.metrics.get("names-sha256"), expected)
+            if problem:
+                log.error("round %d: rejected the update of %s: %s (it left the site: it stays charged there)",
+                          server_round, site, problem)
+                rejected.append({"site": site, "reason": problem})
+            else:
+                kept.append((proxy, res))
+        entry["rejected"] = rejected
+        if self.run.secure and rejected:  # a bad update is inside the masked sum: the whole round is unusable
+            log.error("round %d: an update inside the secure sum is bad; the round's aggregate is not used",
+                      server_round)
+            return []
+        return kept
 
     def weights(self, parameters: Parameters) -> "OrderedDict[str, np.ndarray]":
         arrays = parameters_to_ndarrays(parameters)
@@ -96,6 +176,14 @@ class FedSynthStrategy(FedAvg):
 
 def _reason(failure) -> str:
     if isinstance(failure, BaseException):
-        return str(failure)
+        return _short(str(failure))
     _, res = failure
-    return getattr(res.status, "message", str(res))
+    return _short(getattr(res.status, "message", str(res)))
+
+
+def _short(text: str) -> str:
+    """The client's own message out of a Ray/Flower error (which wraps it in a whole remote traceback)."""
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+        text = text.split("\\'>", 1)[0].split("'>", 1)[0]
+    return text.strip()

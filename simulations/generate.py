@@ -6,7 +6,6 @@ intake (client.data) reads, so synthetic data can be fed straight back into trai
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from client.data import ImageDataset, save_npz
+from fedsynth.files import read_json_object
 from fedsynth.config import RunConfig
 from models import Generator, build_generator
 from server.checkpoint import load_weights
@@ -47,12 +47,7 @@ def load_run(run_dir: Path) -> tuple[Generator, list[str]]:
     cfg_path, weights_path = run_dir / "config.json", run_dir / "weights.safetensors"
     if not cfg_path.is_file():
         raise ValueError(f"{cfg_path}: missing; expected the run's config.json")
-    try:
-        values = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object of run settings")
+    values = read_json_object(cfg_path, "run settings")
     run = RunConfig.from_flower(values, source=str(cfg_path))  # ignores keys it doesn't know
     if not weights_path.is_file():
         raise ValueError(f"{weights_path}: missing; expected the run's final weights")

@@ -296,4 +296,10 @@ def headline(report: dict) -> list[str]:
                      + (f", white-box {s(wb['auc'])}" if "auc" in wb else "") + " (0.5 = no leak)")
     eps = report["privacy"]["max-epsilon"]
     lines.append(f"largest site ε {eps:.3g}" if eps is not None else "no site has spent any ε")
+    for site, p in report["privacy"]["per-site"].items():  # fedsynth simulate --audit-canaries
+        if "canary-audit" in p:
+            c = p["canary-audit"]
+            lines.append(f"{site} canary audit: empirical ε ≥ {c['epsilon-lower-bound']:.3f} vs accounted "
+                         f"{c['epsilon-accounted-this-run']:.3f} this run"
+                         + (" — WARNING: ABOVE THE ACCOUNTED ε" if c["exceeds-accounted"] else ""))
     return lines

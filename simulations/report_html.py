@@ -126,7 +126,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def _privacy(rep: dict) -> str:
     keys = ["epsilon", "delta", "epsilon-budget", "unit", "accountant", "sigma", "steps", "rounds"]
     rows = [[html.escape(site)] + [fmt(p.get(k)) for k in keys] for site, p in rep["per-site"].items()]
-    return table(["site"] + keys, rows) + f"<p>{html.escape(rep['note'])}</p>"
+    audits = [_canary_audit(site, p["canary-audit"]) for site, p in rep["per-site"].items() if "canary-audit" in p]
+    return table(["site"] + keys, rows) + f"<p>{html.escape(rep['note'])}</p>" + "".join(audits)
+
+
+def _canary_audit(site: str, c: dict) -> str:
+    """fedsynth simulate --audit-canaries: the empirical lower bound next to the accounted ε."""
+    loud = " — <b>WARNING: the lower bound exceeds the accounted ε</b>" if c["exceeds-accounted"] else ""
+    return (f"<p><b>{html.escape(site)} canary audit</b>: empirical ε ≥ {c['epsilon-lower-bound']:.3f} "
+            f"({c['confidence']:.0%} confidence, {c['canaries']} canaries) vs accounted ε "
+            f"{c['epsilon-accounted-this-run']:.3f} for this run{loud}</p>")
 
 
 def _fidelity(f: dict) -> str:

@@ -24,6 +24,7 @@ from models import build_generator
 from models.classifier import SmallCNN, train_classifier
 from server.checkpoint import load_weights, save_weights, write_json
 
+from .canaries import plant_canaries, run_canary_audit
 from .partition import partition_sites, partition_table
 
 log = logging.getLogger("fedsynth.simulate")
@@ -56,14 +57,22 @@ def prepare_sites(run: RunConfig, data: ImageDataset | None = None) -> str:
     return partition_table(data.labels, parts, data.classes)
 
 
-def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
-    """Run a whole simulated federation; returns the run folder."""
+def simulate(run: RunConfig, class_names: list[str] | None = None, *, resume: bool = False, client_app=None,
+             reports: bool = True) -> Path:
+    """Run a whole simulated federation; returns the run folder.
+
+    ``resume``: continue ``run`` from its run folder's last complete checkpoint (see ``resume_simulation``).
+    ``client_app``: another ClientApp for the sites (tests: a site that sends a corrupted update).
+    ``reports``: False skips the class agreement and the release report (benchmarks, robustness tests).
+    """
     from flwr.simulation import run_simulation  # imported late: Flower pulls in Ray
 
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler: print each line once
 
-    from client.client_app import app as client_app
+    from client.client_app import app as site_app
     from server.server_app import make_server_app
+
+    client_app = client_app or site_app
 
     # Ray workers may start elsewhere: every path they see must be absolute.
     run = run.replace(state_dir=str(Path(run.state_dir).resolve()), out_dir=str(Path(run.out_dir).resolve()),
@@ -74,12 +83,13 @@ def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
     print(f"data: {run.data_file} ({len(data)} training images, classes {names})")
     print(partition_table_header(run))
     print(prepare_sites(run, data))
+    plant_canaries(run)  # --audit-canaries M: site-0's canaries for this run (simulations/canaries.py)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     ray_tmp = tempfile.mkdtemp(prefix="fsray-", dir="/tmp")  # Ray's socket paths must stay short
     t0 = time.time()
     try:
         run_simulation(
-            server_app=make_server_app(run, names), client_app=client_app, num_supernodes=run.sites,
+            server_app=make_server_app(run, names, resume), client_app=client_app, num_supernodes=run.sites,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"include_dashboard": False, "num_cpus": max(1, os.cpu_count() or 1),
                                           "_temp_dir": ray_tmp, "logging_level": logging.ERROR,
@@ -88,9 +98,24 @@ def simulate(run: RunConfig, class_names: list[str] | None = None) -> Path:
         _shutdown_ray()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     seconds = time.time() - t0
+    if not reports:
+        return run.run_dir
     report_agreement(run, data, names, seconds)
+    run_canary_audit(run)  # before the release report, which reads privacy.json
     write_release_report(run)
     return run.run_dir
+
+
+def resume_simulation(run_dir: Path, reports: bool = True) -> Path:
+    """``fedsynth simulate --resume RUN_DIR``: the same run (its config.json) from its last complete checkpoint."""
+    from server.resume import run_config
+
+    run = run_config(Path(run_dir))
+    if Path(run.run_dir).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"{Path(run_dir) / 'config.json'}: out-dir/run-id point to {run.run_dir}, not to this "
+                         "folder; resume the run where it was written")
+    names = json.loads((Path(run_dir) / "config.json").read_text()).get("class-names") or None
+    return simulate(run, names, resume=True, reports=reports)
 
 
 def write_release_report(run: RunConfig) -> None:

@@ -127,10 +127,13 @@ def test_not_an_npz_and_missing_and_unsupported_paths(tmp_path):
     npy = tmp_path / "array.npz"
     with open(npy, "wb") as fh:
         np.save(fh, np.zeros(3))
-    csv = tmp_path / "data.csv"
+    csv = tmp_path / "data.csv"  # a .csv is a manifest (tests/test_intake.py): this one lacks its columns
     csv.write_text("a,b\n")
+    txt = tmp_path / "data.txt"
+    txt.write_text("a,b\n")
     for path, word in [(text, "npz"), (npy, "npz"), (tmp_path / "nope.npz", "does not exist"),
-                       (tmp_path / "nope", "does not exist"), (csv, "unsupported")]:
+                       (tmp_path / "nope", "does not exist"), (csv, "missing column(s) ['file', 'label']"),
+                       (txt, "unsupported")]:
         with pytest.raises(DataError) as e:
             load_dataset(path)
         assert str(path) in str(e.value) and word in str(e.value), str(e.value)

@@ -108,7 +108,7 @@ def test_per_sample_row_i_is_real_image_i_plus_fake_i(batch):
     torch.manual_seed(3)
     with torch.no_grad():
         fake, fake_y = reference.fake(len(x))  # the same fakes (same seed, same generator weights)
-    D = reference.discriminator
+    D, x = reference.discriminator, reference.at_work_resolution(x)  # D sees real images at G's resolution
     for i in range(len(x)):
         D.zero_grad()
         (F.softplus(-D(x[i:i + 1], y[i:i + 1])) + F.softplus(D(fake[i:i + 1], fake_y[i:i + 1]))).sum().backward()

@@ -1,6 +1,7 @@
-"""Benchmark: DP VAE recipes side by side on one simulated site of the bundled data (ε=10, δ=1e-5).
+"""Benchmark: DP generator recipes side by side on one simulated site of the bundled data (ε=10, δ=1e-5).
 
-``python -m simulations.bench_vae_recipes [--site-size 1250] [--seeds 0]`` prints, per recipe: σ, the
+``python -m simulations.bench_recipes [--family vae|gan|diffusion] [--only TEXT] [--site-size 1250]
+[--seeds 0]`` prints, per recipe: σ, the
 private training throughput (1 thread, as a simulated site gets), and class agreement — how often the
 shipped reference classifier (trained on real training images) labels a sample of class c as c. Only the
 training split is used: the test split stays untouched for the release report.
@@ -21,8 +22,8 @@ from privacy.accountant import calibrate_sigma
 
 from .runner import reference_classifier
 
-# name: (model kwargs, q, steps, lr_max, lr_min)
-RECIPES = {
+# family -> name: (model kwargs, q, steps, lr_max, lr_min)
+VAE_RECIPES = {
     "conv decoder, Adam 2e-3 (baseline-like)": (dict(latent_dim=16, width=32), 0.1, 90, 2e-3, 2e-3),
     "linear decoder, Adam 1e-2": (dict(latent_dim=16, width=0, coarse=1), 0.1, 90, 1e-2, 1e-2),
     "linear half-res decoder, q=0.5, Adam 3e-3": (dict(latent_dim=16, width=0, coarse=2), 0.5, 300, 3e-3, 3e-3),
@@ -32,10 +33,23 @@ RECIPES = {
         dict(latent_dim=4, width=0, coarse=2), 0.3, 800, 2e-2, 5e-4),
     "linear half-res, latent 8, q=0.5, cosine 2e-2→5e-4": (dict(latent_dim=8, width=0, coarse=2), 0.5, 300, 2e-2, 5e-4),
 }
+GAN_RECIPES = {
+    "full res, q=0.3, 800 D steps, cosine 2e-3→2e-4": (dict(coarse=1), 0.3, 800, 2e-3, 2e-4),
+    "half res, q=0.3, 800 D steps, cosine 2e-3→2e-4 (default)": (dict(coarse=2), 0.3, 800, 2e-3, 2e-4),
+}
+DIFFUSION_RECIPES = {
+    "full res, eps-prediction, width 16, K=4, q=0.1, 300 steps": (
+        dict(coarse=1, prediction="eps", unet_width=16), 0.1, 300, 2e-3, 1e-4),
+    "half res, x0-prediction, width 8, K=4, q=0.3, 800 steps (default)": (
+        dict(coarse=2, prediction="x0", unet_width=8), 0.3, 800, 2e-3, 1e-4),
+}
+RECIPES = {"vae": VAE_RECIPES, "gan": GAN_RECIPES, "diffusion": DIFFUSION_RECIPES}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=sorted(RECIPES), default="vae")
+    p.add_argument("--only", default="", help="run only the recipes whose name contains this text")
     p.add_argument("--site-size", type=int, default=1250)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epsilon", type=float, default=10.0)
@@ -43,14 +57,16 @@ def main() -> None:
     full = load_dataset(DEFAULT_DATA, "train")
     classifier = reference_classifier(full, DEFAULT_DATA.parent)
     print(f"{'recipe':<64} {'σ':>6} {'img/s':>7} {'agreement (normal, pneumonia)':>32}")
-    for name, (kwargs, q, steps, lr_max, lr_min) in RECIPES.items():
+    for name, (kwargs, q, steps, lr_max, lr_min) in RECIPES[args.family].items():
+        if args.only not in name:
+            continue
         sigma = calibrate_sigma(args.epsilon, 1e-5, q, steps)
         agreements, speeds = [], []
         for seed in args.seeds:
             torch.set_num_threads(1)
             site = full.subset(np.random.default_rng(seed).permutation(len(full))[:args.site_size])
             torch.manual_seed(seed)
-            model = build_generator("vae", num_classes=2, **kwargs)
+            model = build_generator(args.family, num_classes=2, **kwargs)
             t0 = time.time()
             train_private(model, site, sigma=sigma, clip=1.0, sample_rate=q, steps=steps,
                           lr=cosine_lr(lr_max, lr_min, 0, steps), seed=seed)
