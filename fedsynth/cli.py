@@ -155,6 +155,9 @@ def _add_deployment_parsers(sub, simulate: argparse.ArgumentParser) -> None:
     srv.add_argument("--flwr-home", default=None, help="private Flower folder (SuperLink connection, installed app, "
                      "logs; default: OUT/.flwr) — your ~/.flwr is not touched")
     srv.add_argument("--keep-superlink", action="store_true", help="leave the SuperLink running after the run")
+    srv.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue that run (its config.json) from its last complete checkpoint after the server "
+                          "was stopped or killed; run settings come from the folder, not from flags")
 
     cl = sub.add_parser("client", help="hospital: check the data and policy locally (dry run), then start a "
                         "SuperNode (TLS, node key)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -291,11 +294,19 @@ def cmd_certs(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from .coordinator import Deployment, check_deployment, serve
+    from .coordinator import Deployment, check_deployment
     dep = Deployment(certs=Path(args.certs), host=args.host, port=args.port,
                      public_keys=[Path(k) for k in args.register],
                      flwr_home=Path(args.flwr_home) if args.flwr_home else None, keep_superlink=args.keep_superlink)
     _, hospitals = check_deployment(dep)
+    if args.resume:
+        from server.resume import CheckpointError, resumable_run
+        try:
+            run = resumable_run(Path(args.resume))
+        except CheckpointError as exc:
+            print(f"fedsynth server: error: {exc}", file=sys.stderr)
+            return 2
+        return _serve(run, dep, resume=True)
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites or len(hospitals), epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
@@ -303,8 +314,13 @@ def cmd_server(args) -> int:
                     sampler_steps=args.sampler_steps, secure=args.secure, fraction=args.fraction,
                     round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
                     out_dir=args.out, seed=args.seed)
+    return _serve(run, dep)
+
+
+def _serve(run: RunConfig, dep, resume: bool = False) -> int:
+    from .coordinator import serve
     try:
-        run_dir = serve(run, dep)
+        run_dir = serve(run, dep, resume=resume)
     except RuntimeError as exc:
         print(f"fedsynth server: error: {exc}", file=sys.stderr)
         return 1

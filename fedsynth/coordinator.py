@@ -104,7 +104,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return child_env(FLWR_HOME=str(flwr_home))
 
 
-def register(flwr_home: Path, name: str, key: Path) -> int:
+def register(flwr_home: Path, name: str, key: Path) -> int | None:
     """``flwr supernode register``: the SuperLink admits the holder of this key from now on."""
     res = subprocess.run([flower_tool("flwr"), "supernode", "register", str(key), CONNECTION, "--name", name,
                           "--format", "json"], env=flwr_env(flwr_home), capture_output=True, text=True)
@@ -112,6 +112,8 @@ def register(flwr_home: Path, name: str, key: Path) -> int:
         out = json.loads(res.stdout[res.stdout.index("{"):])
     except ValueError:
         out = {}
+    if "Public key already in use" in out.get("error-message", ""):
+        return None  # registered before: the SuperLink's database (--database) outlived a restart
     if res.returncode != 0 or not out.get("success"):
         raise RuntimeError(f"registering {key} ({name}) failed: {(res.stdout + res.stderr).strip()[-800:]}")
     return int(out["node-id"])
@@ -127,13 +129,17 @@ def run_status(flwr_home: Path, run_id: int) -> str:
         return "unknown"
 
 
-def serve(run: RunConfig, dep: Deployment, out: IO[str] | None = None) -> Path:
-    """Start the SuperLink, register the hospitals, run the federation to its end; returns the run folder."""
+def serve(run: RunConfig, dep: Deployment, out: IO[str] | None = None, resume: bool = False) -> Path:
+    """Start the SuperLink, register the hospitals, run the federation to its end; returns the run folder.
+    ``resume``: continue ``run`` from its run folder's last complete checkpoint (after the server was killed);
+    the hospitals' SuperNodes keep retrying the SuperLink meanwhile and re-send an update already charged."""
     out = out or sys.stdout
     exit_on_sigterm()  # `kill PID` still runs the finally below, which stops the SuperLink
     cert, hospitals = check_deployment(dep)
     run = run.replace(out_dir=str(Path(run.out_dir).resolve()))
     run_config = app_run_config(run, Path(dep.app_dir) / "pyproject.toml")  # before anything starts
+    if resume:
+        run_config["resume"] = True  # declared in pyproject beside the RunConfig keys; read by the ServerApp
     flwr_home = Path(dep.flwr_home or Path(run.out_dir) / ".flwr").resolve()
     address = control_address(dep.host, dep.port, cert)
     write_flwr_config(flwr_home, address, dep.paths.ca_cert)
@@ -141,7 +147,10 @@ def serve(run: RunConfig, dep: Deployment, out: IO[str] | None = None) -> Path:
     log_path = flwr_home / "superlink.log"
     cmd = [flower_tool("flower-superlink"), "--ssl-certfile", str(p.server_cert), "--ssl-keyfile", str(p.server_key),
            "--ssl-ca-certfile", str(p.ca_cert), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-           "--host", dep.host, "--port", str(dep.port)]
+           "--host", dep.host, "--port", str(dep.port),
+           # State on disk, not in memory: after a restart (--resume) the SuperLink still knows the hospitals'
+           # nodes, so their SuperNodes' heartbeats are not refused (401) and they carry on without a restart.
+           "--database", str(flwr_home / "superlink.db")]
     print(f"starting the SuperLink on {dep.host}:{dep.port} (TLS, SuperNode authentication); log: {log_path}",
           file=out, flush=True)
     with open(log_path, "ab") as log:
@@ -154,7 +163,8 @@ def serve(run: RunConfig, dep: Deployment, out: IO[str] | None = None) -> Path:
             raise RuntimeError(f"{exc}; last lines of {log_path}:\n{tail(log_path)}") from None
         for name, key in hospitals:
             node_id = register(flwr_home, name, key)
-            print(f"registered {name} ({key}) as SuperNode {node_id}", file=out, flush=True)
+            print(f"registered {name} ({key}) as SuperNode {node_id}" if node_id is not None else
+                  f"registered {name} ({key}) (already, in the SuperLink's database)", file=out, flush=True)
         run_dir = submit(run, run_config, dep, flwr_home, out)
     finally:
         if dep.keep_superlink and superlink.poll() is None:

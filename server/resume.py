@@ -49,6 +49,16 @@ def run_config(run_dir: Path) -> RunConfig:
         raise CheckpointError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
 
 
+def resumable_run(run_dir: Path) -> RunConfig:
+    """``--resume RUN_DIR`` (simulation or deployment server): the run's config, which must point back at this
+    folder (out-dir/run-id), so the checkpoints, metrics and the sites' σ plan (keyed by run id) all match."""
+    run = run_config(Path(run_dir))
+    if Path(run.run_dir).resolve() != Path(run_dir).resolve():
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: out-dir/run-id point to {run.run_dir}, not to this "
+                              "folder; resume the run where it was written")
+    return run
+
+
 def last_checkpoint(run_dir: Path, run: RunConfig, reference: "OrderedDict[str, np.ndarray]") -> Resumed:
     """The last complete checkpoint of ``run`` (names and shapes must match ``reference``), or round 0."""
     folder = Path(run_dir) / "checkpoints"

@@ -148,8 +148,9 @@ def make_server_app(run: RunConfig | None = None, class_names: list[str] | None 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _log_progress()
+        # `resume` in the run config: the deployment server's --resume (fedsynth server --resume RUN_DIR)
         run_dir = run_federation(grid, context, run or RunConfig.from_flower(dict(context.run_config)), class_names,
-                                 resume)
+                                 resume or bool(context.run_config.get("resume", False)))
         log.info("results in %s", run_dir)
 
     return app

@@ -108,12 +108,9 @@ def simulate(run: RunConfig, class_names: list[str] | None = None, *, resume: bo
 
 def resume_simulation(run_dir: Path, reports: bool = True) -> Path:
     """``fedsynth simulate --resume RUN_DIR``: the same run (its config.json) from its last complete checkpoint."""
-    from server.resume import run_config
+    from server.resume import resumable_run
 
-    run = run_config(Path(run_dir))
-    if Path(run.run_dir).resolve() != Path(run_dir).resolve():
-        raise ValueError(f"{Path(run_dir) / 'config.json'}: out-dir/run-id point to {run.run_dir}, not to this "
-                         "folder; resume the run where it was written")
+    run = resumable_run(Path(run_dir))
     names = json.loads((Path(run_dir) / "config.json").read_text()).get("class-names") or None
     return simulate(run, names, resume=True, reports=reports)
 

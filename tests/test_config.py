@@ -20,7 +20,8 @@ def test_flower_round_trip_keeps_every_field():
 def test_pyproject_flower_defaults_are_the_run_config_defaults():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert RunConfig.from_flower(app["config"]) == RunConfig()
-    assert set(app["config"]) == set(RunConfig().to_flower())
+    assert set(app["config"]) == set(RunConfig().to_flower()) | {"resume"}  # resume: an action, not a setting
+    assert app["config"]["resume"] is False
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
 
 

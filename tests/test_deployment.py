@@ -10,6 +10,8 @@ and Opacus (≈3.5 s of CPU each). Measured ≈5.5 min on the shared 2-core mach
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import pytest
 
 from client.data import load_dataset, save_npz
 from fedsynth.certs import make_certs
-from fedsynth.processes import child_env, flower_tool, free_port, start_group, stop_group
+from fedsynth.processes import child_env, descendant_groups, flower_tool, free_port, start_group, stop_group
 
 from conftest import TINY  # pytest puts tests/ on sys.path (rootdir conftest)
 
@@ -90,7 +92,8 @@ def deployment(small_data, tmp_path_factory):
         outsiders = {"intruder": _wait(intruder, 120), "no-ca": _wait(no_ca, 120)}
         server_rc = _wait(server, RUN_TIMEOUT)
         yield SimpleNamespace(root=root, state=state, logs=logs, server_rc=server_rc, outsiders=outsiders,
-                              run_dir=root / "runs" / "deployed")
+                              run_dir=root / "runs" / "deployed", launch=launch,
+                              server_args=["--certs", str(certs), *register, "--host", "127.0.0.1", "--port", str(port)])
     finally:
         for proc in reversed(procs):
             stop_group(proc, grace=25)
@@ -243,3 +246,46 @@ def test_client_dry_run_reports_the_budget_left_and_refuses_what_it_cannot_meet(
     ledger.write_text(ledger.read_text().replace('"steps":20', '"steps":2'))
     assert main(base) == 2
     assert f"{ledger} does not verify" in capsys.readouterr().err
+
+
+def _charges(state: Path, site: str, run_id: str) -> list[tuple[int, str]]:
+    path = state / site / "ledger.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(e["round"], e["released"]) for e in entries if e["kind"] == "charge" and e["run_id"] == run_id]
+
+
+def test_server_killed_after_round_one_resumes_without_losing_or_doubling_a_charge(deployment):
+    """SIGKILL the whole coordinator (fedsynth server, its SuperLink, flwr run, the ServerApp) once round 1 is
+    checkpointed and a hospital was charged for round 2; `fedsynth server --resume RUN_DIR` on the same port
+    finishes the run with the hospitals' SuperNodes still up: every hospital holds exactly one charge per round
+    (a round-2 update already charged is re-sent from the hospital's outbox, not trained and charged again)."""
+    d = deployment
+    assert d.server_rc == 0  # the hospitals' SuperNodes are still running from the first run
+    run_dir = d.root / "runs" / "killed"
+    server = d.launch("server-killed", fedsynth(
+        "server", *d.server_args, "--rounds", "2", "--run-id", "killed", "--out", str(d.root / "runs"),
+        "--local-epochs", str(TINY["local_epochs"]), "--sample-rate", str(TINY["sample_rate"]),
+        # ε is composed over every run in a ledger: the first run planned to spend TINY's whole budget
+        "--epsilon", str(2 * TINY["epsilon"]), "--delta", str(TINY["delta"]), "--seed", str(TINY["seed"])))
+    _wait_for(lambda: (run_dir / "checkpoints" / "round-001.json").exists()
+              and any((2, "weights") in _charges(d.state, h, "killed") for h in HOSPITALS),
+              RUN_TIMEOUT, server, d.logs["server-killed"])
+    for pgid in [server.pid, *descendant_groups(server.pid)]:  # nothing of the coordinator gets to clean up
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    server.wait(30)
+    assert not (run_dir / "summary.txt").exists()  # killed before the end of the run
+    resumed = d.launch("server-resumed", fedsynth("server", *d.server_args, "--resume", str(run_dir)))
+    rc = _wait(resumed, RUN_TIMEOUT)
+    log = d.logs["server-resumed"].read_text()
+    assert rc == 0, log[-4000:]
+    assert "resumes after round 1" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {r["round"]: r.get("sites") for r in metrics["rounds"] if r["round"] > 0} == {1: list(HOSPITALS),
+                                                                                           2: list(HOSPITALS)}
+    for h in HOSPITALS:
+        assert _charges(d.state, h, "killed") == [(1, "weights"), (2, "weights")], h
+    audit = subprocess.run(fedsynth("audit", str(d.state), "--anchors", str(run_dir)), capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
