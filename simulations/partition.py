@@ -148,9 +148,23 @@ class SitePartition:
 
 
 def partition_sites(
-    labels, num_sites: int, spec: str, seed: int, holdout_fraction: float = 0.2
+    labels, num_sites: int, spec: str, seed: int, holdout_fraction: float = 0.2, groups=None
 ) -> list[SitePartition]:
+    """``groups`` (one patient id per image): split patients, not images — each patient's images all go to
+    one site and to one side of its train/holdout split (a patient at two sites would have their privacy loss
+    split across two ledgers, and one in train and holdout would blur the membership tests). A patient
+    counts with the label of their first image."""
     labels = _flat(labels)
+    if groups is not None:
+        ids, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        by_patient = partition_sites(labels[first], num_sites, spec, seed, holdout_fraction)
+        order = np.argsort(inverse.ravel(), kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inverse.ravel(), minlength=len(ids)))[:-1])
+
+        def images(patients: np.ndarray) -> np.ndarray:
+            return np.sort(np.concatenate([members[p] for p in patients] or [np.zeros(0, np.int64)])).astype(np.int64)
+
+        return [SitePartition(images(p.train), images(p.holdout)) for p in by_patient]
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction={holdout_fraction}: expected 0 <= holdout_fraction < 1")
     rng = np.random.default_rng(seed)

@@ -47,7 +47,8 @@ def prepare_sites(run: RunConfig, data: ImageDataset | None = None) -> str:
             changed = sorted(k for k in split if previous.get(k) != split[k])
             raise ValueError(f"{record}: these simulated hospitals were split with {previous}; this run asks "
                              f"for different {changed}. Use a new --state-dir, or the same data and split.")
-    parts = partition_sites(data.labels, run.sites, run.partition, run.seed, run.holdout_fraction)
+    parts = partition_sites(data.labels, run.sites, run.partition, run.seed, run.holdout_fraction,
+                            groups=data.patient_ids)  # with patient ids: whole patients per site and side
     for k, part in enumerate(parts):
         target = Path(run.state_dir) / f"site-{k}" / "data.npz"
         if not target.exists():

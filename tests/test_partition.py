@@ -128,3 +128,20 @@ def test_partition_table_on_pneumoniamnist():
         assert f"{int(np.sum(y[p.train] == 1))} (" in row
     total = next(line for line in lines if line.startswith("total"))
     assert total.split()[1:3] == [str(sum(len(p.train) for p in parts)), str(sum(len(p.holdout) for p in parts))]
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "quantity:1.0"])
+def test_patients_stay_whole_across_sites_and_train_holdout(spec):
+    """With patient ids, every patient's images land at one site and on one side of its holdout split."""
+    rng = np.random.default_rng(7)
+    patients = np.repeat(np.arange(120), rng.integers(1, 6, 120))  # 1-5 images per patient
+    labels = (patients % 2).astype(np.int64)  # one label per patient
+    parts = partition_sites(labels, 3, spec, seed=1, holdout_fraction=0.25, groups=patients.astype(str))
+    everything = np.concatenate([np.concatenate([p.train, p.holdout]) for p in parts])
+    assert np.array_equal(np.sort(everything), np.arange(len(patients)))  # every image once
+    owner = {}
+    for k, p in enumerate(parts):
+        for side, idx in (("train", p.train), ("holdout", p.holdout)):
+            for pid in set(patients[idx]):
+                assert owner.setdefault(pid, (k, side)) == (k, side), f"patient {pid} split"
+    assert all(len(p.holdout) > 0 and len(p.train) > 0 for p in parts)
