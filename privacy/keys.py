@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +105,5 @@ def write_public(key: Ed25519PrivateKey, pub_path: Path) -> None:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` whole or not at all, and fail if it already exists (os.link does not overwrite)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write ``path`` whole or not at all, and fail if it already exists."""
+    atomic_write(path, data, mode, exclusive=True)
