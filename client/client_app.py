@@ -90,6 +90,7 @@ class SiteClient(NumPyClient):
                  plan["sigma"], entry["epsilon_after"])
         if fault == STRAGGLER:  # charged: the update does leave, only too late for the server to use it
             time.sleep(straggler_delay(run.round_timeout))
+        seed_wire_rounding(run.seed, rnd, site.config.name)
         # Only public facts beside the weights: no loss or count computed from the private images.
         return weights, 1, {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": result.steps,
                             "names-sha256": names_sha256(model.shared_weights()), **ledger_anchor(entry)}
@@ -107,6 +108,7 @@ class SiteClient(NumPyClient):
         if fault == STRAGGLER:
             time.sleep(straggler_delay(run.round_timeout))
         names = build_generator(run.model, **run.model_kwargs()).shared_weights()
+        seed_wire_rounding(run.seed, rnd, site.config.name)
         return weights, 1, {"site": site.config.name, "epsilon": float(site.charge_for(run, rnd)["epsilon_after"]),
                             "steps": int(site.charge_for(run, rnd)["steps"]), "replayed": True,
                             "names-sha256": names_sha256(names), **ledger_anchor(site.charge_for(run, rnd))}
@@ -135,6 +137,14 @@ def ledger_anchor(charge: dict) -> dict:
     record: a ledger rewritten later, even re-signed with the site's own key, no longer holds that hash
     (`fedsynth audit --anchors`). A hash of the site's own ledger entry says nothing about its images."""
     return {"ledger-seq": int(charge["seq"]), "ledger-head": entry_hash(charge)}
+
+
+def seed_wire_rounding(seed: int, rnd: int, name: str) -> None:
+    """Flower's SecAgg+ mod quantizes the update with stochastic rounding drawn from numpy's *global* RNG,
+    right after fit returns, in this process. Seeding it per (run seed, round, site) makes a seeded run, and
+    an update re-sent after a server restart, aggregate to the same bits. The rounding is not a privacy
+    mechanism (the DP noise was added during training; the masks use their own generators)."""
+    np.random.seed((seed * 100_003 + rnd * 101 + hash_name(name)) % 2**32)
 
 
 def hash_name(name: str) -> int:
