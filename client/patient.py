@@ -16,12 +16,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from models import Generator
+from privacy.grad_samplers import PerSampleGradModule
 
 from .data import ImageDataset
 from .trainer import TrainResult
@@ -99,7 +99,7 @@ def train_private_patients(model: Generator, data: ImageDataset, *, sigma: float
     sampler = PatientSampler(data.patient_ids, sample_rate, torch.Generator().manual_seed(seed))
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     module = model.private_module()
-    private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    private = PerSampleGradModule(module, batch_first=True, loss_reduction="mean")
     optimizer = PatientDPOptimizer(model.optimizer(module.parameters(), lr_at(0)), noise_multiplier=sigma,
                                    max_grad_norm=clip, loss_reduction="mean",
                                    expected_batch_size=max(1, round(sample_rate * sampler.num_patients)))

@@ -11,13 +11,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 from models import Generator
+from privacy.grad_samplers import PerSampleGradModule
 
 from .data import ImageDataset
 
@@ -30,11 +30,11 @@ class TrainResult:
 
 
 def dp_parts(model: Generator, *, sigma: float, clip: float, sample_rate: float, expected_batch_size: int,
-             lr: float, accountant: str = "prv") -> tuple[GradSampleModule, DPOptimizer, IAccountant]:
+             lr: float, accountant: str = "prv") -> tuple[PerSampleGradModule, DPOptimizer, IAccountant]:
     """Opacus' pieces around ``model.private_module()``: the wrapped module, its DP optimizer (the model's
     base optimizer inside), and an accountant charged by every step of that optimizer (at rate ``q``)."""
     module = model.private_module()
-    private = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    private = PerSampleGradModule(module, batch_first=True, loss_reduction="mean")
     optimizer = DPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma, max_grad_norm=clip,
                             expected_batch_size=expected_batch_size, loss_reduction="mean")
     acc = create_accountant(mechanism=accountant)

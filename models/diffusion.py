@@ -66,59 +66,44 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise predictor: a 2x2 space-to-depth view in (resolution/2, then /4: two levels, one skip); out via
-    Upsample + Conv at full resolution beside the noisy input (a sub-pixel output leaves a 2x2 grid)."""
+    """Noise (or x0) predictor: one level down (stride-2 conv), one skip, one level up (Upsample + Conv).
 
-    def __init__(self, num_classes: int, channels: int, width: int, emb: int = 64):
+    ``side`` None (full resolution): the input is viewed 2x2 space-to-depth and the output is upsampled back
+    beside the noisy input (a sub-pixel output leaves a 2x2 grid). ``side`` given (images already averaged
+    down): the net works at that side and adds a learned image per class to its output (for x0-prediction:
+    the class mean, the part of the signal DP noise scrambles least, as in the VAE's linear decoder); about
+    13k parameters at width 8."""
+
+    def __init__(self, num_classes: int, channels: int, width: int, side: int | None = None, emb: int = 32):
         super().__init__()
-        self.tdim, c4 = width, 4 * channels
-        self.time = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label = nn.Embedding(num_classes + 1, emb)  # the last index is "no label" (guidance)
-        self.inp = nn.Conv2d(c4, width, 3, 1, 1)
-        self.down = ResBlock(width, width, emb)
-        self.pool = nn.Conv2d(width, 2 * width, 3, 2, 1)
-        self.mid = ResBlock(2 * width, 2 * width, emb)
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, 1, 1))
-        self.dec = ResBlock(2 * width, width, emb)
-        self.out = nn.Sequential(_norm(width), nn.SiLU(), nn.Conv2d(width, 4, 3, 1, 1),
-                                 nn.Upsample(scale_factor=2))
-        self.final = nn.Conv2d(4 + channels, channels, 3, 1, 1)
-        nn.init.zeros_(self.final.weight), nn.init.zeros_(self.final.bias)
-
-    def forward(self, x, t, y):
-        e = F.silu(self.time(time_features(t, self.tdim)) + self.label(y))
-        h = self.down(self.inp(space_to_depth(x)), e)
-        m = self.up(self.mid(self.pool(h), e))
-        return self.final(torch.cat([self.out(self.dec(torch.cat([h, m], 1), e)), x], 1))
-
-
-class CoarseUNet(nn.Module):
-    """Noise (or x0) predictor for images already averaged down to resolution/coarse: one level down
-    (stride-2 conv), one skip, one level up (Upsample + Conv), plus a learned image per class added to the
-    output (for x0-prediction: the class mean, the part of the signal DP noise scrambles least, as in the
-    VAE's linear decoder). About 13k parameters at width 8."""
-
-    def __init__(self, num_classes: int, channels: int, width: int, side: int, emb: int = 32):
-        super().__init__()
-        self.shape = (channels, side, side)
-        self.class_image = nn.Embedding(num_classes + 1, channels * side * side)
-        nn.init.zeros_(self.class_image.weight)
+        self.full_res = side is None
+        if not self.full_res:
+            self.shape = (channels, side, side)
+            self.class_image = nn.Embedding(num_classes + 1, channels * side * side)
+            nn.init.zeros_(self.class_image.weight)
         self.tdim = width
         self.time = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = nn.Embedding(num_classes + 1, emb)  # the last index is "no label" (guidance)
-        self.inp = nn.Conv2d(channels, width, 3, 1, 1)
+        self.inp = nn.Conv2d(4 * channels if self.full_res else channels, width, 3, 1, 1)
         self.down = ResBlock(width, width, emb)
         self.pool = nn.Conv2d(width, 2 * width, 3, 2, 1)
         self.mid = ResBlock(2 * width, 2 * width, emb)
         self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, 1, 1))
         self.dec = ResBlock(2 * width, width, emb)
-        self.out = nn.Sequential(_norm(width), nn.SiLU(), nn.Conv2d(width, channels, 3, 1, 1))
+        head = [_norm(width), nn.SiLU(), nn.Conv2d(width, 4 if self.full_res else channels, 3, 1, 1)]
+        self.out = nn.Sequential(*head, *([nn.Upsample(scale_factor=2)] if self.full_res else []))
+        if self.full_res:
+            self.final = nn.Conv2d(4 + channels, channels, 3, 1, 1)
+            nn.init.zeros_(self.final.weight), nn.init.zeros_(self.final.bias)
 
     def forward(self, x, t, y):
         e = F.silu(self.time(time_features(t, self.tdim)) + self.label(y))
-        h = self.down(self.inp(x), e)
+        h = self.down(self.inp(space_to_depth(x) if self.full_res else x), e)
         m = self.up(self.mid(self.pool(h), e))[..., :h.shape[-2], :h.shape[-1]]  # odd sizes: crop
-        return self.out(self.dec(torch.cat([h, m], 1), e)) + self.class_image(y).view(-1, *self.shape)
+        out = self.out(self.dec(torch.cat([h, m], 1), e))
+        if self.full_res:
+            return self.final(torch.cat([out, x], 1))
+        return out + self.class_image(y).view(-1, *self.shape)
 
 
 def average_copies(module: nn.Module, copies: int) -> None:
@@ -145,8 +130,8 @@ class ConditionalDiffusion(Generator):
             raise ValueError("diffusion: noise-multiplicity and sampler-steps must be ≥ 1")
         self.k, self.sampler_steps, self.guidance = noise_multiplicity, sampler_steps, guidance
         self.p_uncond, self.ema_decay, self.coarse, self.prediction = p_uncond, ema_decay, coarse, prediction
-        self.net = (UNet(num_classes, channels, unet_width) if coarse == 1 else
-                    CoarseUNet(num_classes, channels, unet_width, resolution // coarse))
+        self.net = (UNet(num_classes, channels, unet_width, emb=64) if coarse == 1 else
+                    UNet(num_classes, channels, unet_width, resolution // coarse))
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def private_module(self):
