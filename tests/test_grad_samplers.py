@@ -54,3 +54,22 @@ def test_the_shifted_rule_is_the_one_exercised_above():
     assert _shifted_matmul_applies(nn.Conv2d(6, 2, 3, padding=1), 7)
     assert not _shifted_matmul_applies(nn.Conv2d(36, 6, 3, stride=2), 7)
     assert not _shifted_matmul_applies(nn.Conv2d(1, 8, 3), 7)  # too thin: Opacus' unfold is faster
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rows_handed_over_equal_opacus_rows_also_when_two_passes_accumulate(reduction):
+    """Two forward passes through the same layers before one backward (the GAN's D(real) and D(fake)): Opacus
+    sums the passes' rows; handing the first pass's rows over must not change that, nor alias autograd's."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(10, 5), nn.SiLU(), nn.Linear(5, 1))
+    a, b = torch.randn(6, 10), torch.randn(6, 10)
+    rows = {}
+    for wrapper in (PerSampleGradModule, GradSampleModule):
+        module = wrapper(copy.deepcopy(net), batch_first=True, loss_reduction=reduction)
+        loss = (module(a) - module(b)).pow(2)
+        (loss.mean() if reduction == "mean" else loss.sum()).backward()
+        rows[wrapper] = {n: (p.grad_sample.clone(), p.grad.clone()) for n, p in module.named_parameters()}
+    for name, (ours, grad) in rows[PerSampleGradModule].items():
+        theirs, their_grad = rows[GradSampleModule][name]
+        torch.testing.assert_close(ours, theirs, msg=name)
+        torch.testing.assert_close(grad, their_grad, msg=name)
