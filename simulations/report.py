@@ -219,20 +219,24 @@ def fidelity_section(f_syn, y_syn, f_real, y_real, names, rng, seed) -> dict:
 
 
 def utility_section(syn, y_syn, train, test, num_classes, n, rng, seed) -> dict:
-    """TSTR next to TRTR and a noise control, all the same recipe and seed (so the same initial network).
+    """TSTR next to TRTR and a noise control, all the same recipe and the same classifier seeds (so the same
+    S initial networks), each figure the mean over the seeds (``metrics.seed_averaged``).
 
     The control matters: a network that learned nothing still ranks real X-rays by some image statistic that
-    correlates with the label, so its AUC can sit far from 0.5 (0.2–0.85 across seeds here); the control
-    shows where this seed's "nothing learned" lies.
+    correlates with the label, so one seed's AUC can sit far from 0.5 (0.2–0.85 across seeds here). The mean
+    over seeds is 0.5 in expectation, but with S = 3 it still lands outside [0.35, 0.65] for about 1 seed
+    triple in 6; the control shows where these seeds' "nothing learned" lies, and its interval how sure that is.
     """
     real = train.subset(np.sort(rng.choice(len(train), min(n, len(train)), replace=False)))
     noise = rng.random(syn.shape, dtype=np.float32)
     run = lambda x, y: M.train_and_test(x, y, test.images, test.labels, num_classes, seed)  # noqa: E731
     return {"recipe": M.TSTR_RECIPE, "tstr": run(syn, y_syn), "trtr": run(real.images, real.labels),
             "noise-control": run(noise, y_syn),
-            "note": "TSTR: trained on the synthetic images (balanced labels), tested on real; TRTR: trained on as "
+            "note": f"Each figure is the mean over {M.TSTR_RECIPE['seeds']} classifier seeds (the same seeds for "
+                    "all three rows); its 95% interval resamples both the seeds and the test images. TSTR: "
+                    "trained on the synthetic images (balanced labels), tested on real; TRTR: trained on as "
                     "many real training images (up to n); noise control: trained on uniform noise with the "
-                    "synthetic labels"}
+                    "synthetic labels — where a classifier that learned nothing lands with these seeds"}
 
 
 def equal_sets(members: ImageDataset, nonmembers: ImageDataset, n: int, rng) -> tuple[ImageDataset, ImageDataset]:
@@ -283,8 +287,8 @@ def headline(report: dict) -> list[str]:
              f"KID {s(f['kid'], '.3g')} (floor {s(f['real-floor']['kid'], '.3g')}), precision "
              f"{s(f['precision-recall']['precision'])}, recall {s(f['precision-recall']['recall'])}",
              f"TSTR AUC {s(u['tstr']['auc'])} (n={u['tstr']['n-train']}) vs TRTR {s(u['trtr']['auc'])} "
-             f"(n={u['trtr']['n-train']}), noise control {s(u['noise-control']['auc'])}, tested on "
-             f"{u['tstr']['n-test']} real images"]
+             f"(n={u['trtr']['n-train']}), noise control {s(u['noise-control']['auc'])}: each the mean over "
+             f"{u['tstr']['n-seeds']} classifier seeds, tested on {u['tstr']['n-test']} real images"]
     mem, mia = report["memorization"], report["membership-inference"]
     if "skipped" in mem:
         lines.append(f"memorization and membership inference skipped: {mem['skipped']}")

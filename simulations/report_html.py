@@ -150,12 +150,14 @@ def _fidelity(f: dict) -> str:
 
 
 def _utility(u: dict) -> str:
-    rows = [[name, fmt(u[key]["auc"]), fmt(u[key]["accuracy"]), fmt(u[key]["balanced-accuracy"]),
-             str(u[key]["n-train"]), str(u[key]["n-test"])]
+    rows = [[name, fmt(u[key]["auc"]), ", ".join(f"{s['auc']:.3f}" for s in u[key]["per-seed"]),
+             fmt(u[key]["accuracy"]), fmt(u[key]["balanced-accuracy"]), str(u[key]["n-train"]),
+             str(u[key]["n-test"]), str(u[key]["n-seeds"])]
             for name, key in (("TSTR (train synthetic, test real)", "tstr"), ("TRTR (train real, test real)", "trtr"),
                               ("noise control (train noise, test real)", "noise-control"))]
     recipe = ", ".join(f"{k} {v}" for k, v in u["recipe"].items())
-    return (table(["", "AUC", "accuracy", "balanced accuracy", "n train", "n test"], rows)
+    return (table(["", "AUC (mean over seeds)", "AUC per seed", "accuracy", "balanced accuracy", "n train",
+                   "n test", "S seeds"], rows)
             + f"<p>Recipe, fixed in advance: {html.escape(recipe)}. {html.escape(u['note'])}.</p>")
 
 

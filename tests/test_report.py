@@ -66,6 +66,13 @@ def test_simulation_writes_the_release_report(tiny_run):
     u = report["utility"]
     assert u["recipe"]["epochs"] == 3 and u["tstr"]["n-train"] == u["trtr"]["n-train"] == 600
     assert u["trtr"]["auc"]["value"] > 0.7  # a real-data classifier does learn on these 600 images
+    assert u["recipe"]["seeds"] == 3
+    for row in ("tstr", "trtr", "noise-control"):  # each figure: the mean over the same 3 classifier seeds
+        r = u[row]
+        assert r["n-seeds"] == r["auc"]["n-seeds"] == r["balanced-accuracy"]["n-seeds"] == 3, row
+        assert [s["seed"] for s in r["per-seed"]] == [3 * run.seed + k for k in range(3)], row
+        for figure in ("auc", "accuracy", "balanced-accuracy"):
+            assert r[figure]["value"] == pytest.approx(np.mean([s[figure] for s in r["per-seed"]])), (row, figure)
 
     mem, mia = report["memorization"], report["membership-inference"]
     privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -78,7 +85,8 @@ def test_simulation_writes_the_release_report(tiny_run):
     assert list(report["agreement"]["over-rounds"]["per-round"]) == ["1"]
     assert report["agreement"]["final"] == json.loads((run_dir / "agreement.json").read_text())
 
-    assert "release report (report.html, report.json)" in (run_dir / "summary.txt").read_text()
+    summary = (run_dir / "summary.txt").read_text()
+    assert "release report (report.html, report.json)" in summary and "mean over 3 classifier seeds" in summary
 
 
 def test_html_is_self_contained_with_every_section(tiny_run):
@@ -88,6 +96,9 @@ def test_html_is_self_contained_with_every_section(tiny_run):
                     "agreement", "pictures"]:
         assert f'id="{section}"' in page, section
     assert not re.search(r"(src|href)=['\"]?(https?:|//|file:)", page), "the page links outside itself"
+    per_seed = json.loads((run_dir / "report.json").read_text())["utility"]["noise-control"]["per-seed"]
+    assert "AUC per seed" in page and ", ".join(f"{s['auc']:.3f}" for s in per_seed) in page
+    assert "n-seeds=3" in page and "S seeds" in page
     images = dict(re.findall(r"alt='([^']+)' src='data:image/png;base64,([^']+)'", page))
     assert set(images) == {"samples", "real-vs-synthetic", "rounds", "closest-pairs"}
     for name, data in images.items():
