@@ -12,7 +12,6 @@ import time
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.common import Context
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -22,6 +21,7 @@ from privacy.ledger import entry_hash, weights_sha256
 
 from .faults import DROPOUT, STRAGGLER, simulated_fault, straggler_delay
 from .outbox import load_update, outbox_path, save_update
+from .secagg_fast import fast_secaggplus_mod
 
 # torch, Opacus and the models are imported where a message needs them, not here: Flower starts a fresh
 # ClientApp process per message in a deployment, and three of SecAgg+'s four stages never train — importing
@@ -76,8 +76,11 @@ class SiteClient(NumPyClient):
         if not all(np.isfinite(w).all() for w in weights):  # never send NaN weights
             failure = f"{site.config.name}: training produced non-finite weights; nothing sent"
         limit = float(config.get("secagg-clipping-range", np.inf))
-        if failure is None and any(float(np.abs(w).max()) >= limit for w in weights):
-            failure = f"{site.config.name}: weights outside the SecAgg+ clipping range ±{limit:g}; nothing sent"
+        deltas = bool(config.get("secagg-deltas", False))  # SecAgg+ masks weights − global (client/secagg_fast.py)
+        if failure is None and any(float(np.abs(w - p if deltas else w).max()) >= limit
+                                   for w, p in zip(weights, parameters)):
+            failure = (f"{site.config.name}: {'update − global model' if deltas else 'weights'} outside the SecAgg+ "
+                       f"clipping range ±{limit:g}; nothing sent")
         if failure is None:  # kept before the charge, so a restarted server can get it again (client/outbox.py)
             save_update(outbox_path(site.config.ledger_path, run.run_id, rnd), weights, input_sha256)
         # Charge before anything leaves: the weights, or just the fact that the round failed, are both
@@ -161,7 +164,7 @@ def secure_aggregation_mod(msg, ctxt, call_next):
     """SecAgg+ when the server runs it; plain FedAvg messages pass straight through (one code path)."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
-    return secaggplus_mod(msg, ctxt, call_next)
+    return fast_secaggplus_mod(msg, ctxt, call_next)  # Flower's secaggplus_mod, faster masking (secagg_fast.py)
 
 
 app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

@@ -45,6 +45,9 @@ class RunConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     fraction: float = 1.0  # share of the willing sites sampled per round (deterministic from seed and round)
+    # SecAgg+ wire format: False = mask the weights (±8, 2**22 levels, uint32 on the wire); True = mask the
+    # update minus the global model (±2, 16-bit modulus: uint16 on the wire, half the bytes; see BENCHMARKS.md).
+    secagg_deltas: bool = False
     # Robustness. dropout / straggler: simulated faults, per site and round with this probability (see
     # client/faults.py); round-timeout: seconds the server waits for a round's updates (stragglers past it are
     # left out); max-update-norm: L2 bound on a site's update (its weights minus the global model).

@@ -38,22 +38,37 @@ log = logging.getLogger("fedsynth.server")
 # keeps the full quantization precision (~4e-6 per value).
 # num_shares / reconstruction_threshold are chosen from the number of sites per round (server/secagg_choice.py).
 SECAGG = dict(num_shares=1.0, reconstruction_threshold=0.5, clipping_range=8.0, max_weight=1.0)
+# secagg-deltas: sites mask (update − global model) instead, clipped to ±2 (a site refuses to send an update
+# outside it), modulo 2**16 so each masked value travels as uint16 (half the bytes of uint32); the
+# quantization range is the largest power of two whose sum over the sampled sites stays below the modulus.
+SECAGG_DELTAS = dict(clipping_range=2.0, modulus_range=2 ** 16)
+
+
+def delta_quantization_range(sampled: int) -> int:
+    """Largest power of two q with sampled · q < 2**16: the sum of the sites' quantized values can't wrap."""
+    q = 1 << ((2 ** 16 - 1) // max(1, sampled)).bit_length() - 1
+    if q < 2:
+        raise ValueError(f"secagg-deltas: {sampled} sites per round leave no room in a 16-bit modulus")
+    return q
 
 
 ROLLCALL_RETRIES = 2  # before a run ends for lack of willing sites, when some sites failed rather than refused
 
 
-def secure_fit_workflow(sampled: int = 2, fail_probability: float = 0.0,
-                        timeout: float | None = None) -> tuple[ReportingSecAggPlusWorkflow, str]:
+def secure_fit_workflow(sampled: int = 2, fail_probability: float = 0.0, timeout: float | None = None,
+                        deltas: bool = False) -> tuple[ReportingSecAggPlusWorkflow, str]:
     """SecAgg+ for ``sampled`` sites per round, and one line saying why its threshold (for the run summary)."""
     chosen, why = secagg_choice(sampled, fail_probability)
-    return ReportingSecAggPlusWorkflow(**{**SECAGG, **chosen}, timeout=timeout), why
+    if deltas:
+        chosen = {**chosen, **SECAGG_DELTAS, "quantization_range": delta_quantization_range(sampled)}
+    return ReportingSecAggPlusWorkflow(**{**SECAGG, **chosen}, timeout=timeout, deltas=deltas), why
 
 
 def run_federation(grid: Grid, context: Context, run: RunConfig, class_names: list[str] | None = None,
                    resume: bool = False) -> Path:
     """Run every round of ``run``; with ``resume``, continue from the run folder's last complete checkpoint."""
-    extra = {"secagg-clipping-range": SECAGG["clipping_range"]} if run.secure else {}
+    extra = {"secagg-clipping-range": (SECAGG_DELTAS if run.secagg_deltas else SECAGG)["clipping_range"]} \
+        if run.secure else {}
     strategy = FedSynthStrategy(run, extra)
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +83,7 @@ def run_federation(grid: Grid, context: Context, run: RunConfig, class_names: li
     if run.secure:
         sampled = max(2, round(run.fraction * run.sites))
         fit_workflow, strategy.secagg_note = secure_fit_workflow(sampled, run.dropout + run.straggler,
-                                                                 run.round_timeout)
+                                                                 run.round_timeout, run.secagg_deltas)
     else:
         fit_workflow = timed_fit_workflow(run.round_timeout, strategy.site_of)
 
