@@ -174,3 +174,9 @@ def test_a_delta_outside_the_clipping_range_is_refused():
                                   [1.0, -1.5, 0])
     with pytest.raises(ValueError, match=r"reaches 2.*clipping range ±2; nothing sent"):
         update_minus_reference([np.array([0, 2.0, 0], np.float32)], ref, 2.0)
+
+
+def test_cli_flag_sets_the_run_config_option():
+    from fedsynth.cli import build_parser
+    assert build_parser().parse_args(["simulate", "--secagg-deltas"]).secagg_deltas is True
+    assert build_parser().parse_args(["simulate"]).secagg_deltas is False
