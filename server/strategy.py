@@ -114,7 +114,8 @@ class FedSynthStrategy(FedAvg):
         params, metrics = super().aggregate_fit(server_round, results, failures)
         if params is None:
             return None, {}
-        # SecAgg+ dequantizes to float64: back to float32 or every later message doubles in size.
+        # float32 whatever the aggregation handed back (Flower's own SecAgg+ unmasking gives float64): a float64
+        # global model would double every later message.
         arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(params)]
         if self.run.secure:  # the server sees only the sum: check that (see server/update_check.py)
             problem = update_problem(arrays, self.current, self.run.max_update_norm)
