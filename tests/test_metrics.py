@@ -110,11 +110,13 @@ def test_precision_drops_when_half_the_samples_are_noise(real, classifier):
 
 # --- utility -----------------------------------------------------------------------------------------------
 def test_tstr_on_real_training_images_reproduces_trtr(real):
-    """Not about seeds: one classifier seed (the same initial net for both) keeps the suite fast."""
+    """The report's seeds (the same initial nets for both): with one seed, two disjoint 600-image training sets
+    scored 0.958 and 0.897 on the test split (whose images differ in kind from the training split's), beyond
+    either interval, which resamples only the test images."""
     train, test, order = real
     a, b = order[:600], order[600:1200]
-    trtr = M.train_and_test(train.images[a], train.labels[a], test.images, test.labels, 2, seed=0, n_seeds=1)
-    tstr = M.train_and_test(train.images[b], train.labels[b], test.images, test.labels, 2, seed=0, n_seeds=1)
+    trtr = M.train_and_test(train.images[a], train.labels[a], test.images, test.labels, 2, seed=0)
+    tstr = M.train_and_test(train.images[b], train.labels[b], test.images, test.labels, 2, seed=0)
     width = max(np.diff(trtr["auc"]["ci95"])[0], np.diff(tstr["auc"]["ci95"])[0])
     assert trtr["auc"]["value"] > 0.85, trtr
     assert abs(trtr["auc"]["value"] - tstr["auc"]["value"]) < width, (trtr["auc"], tstr["auc"])
@@ -136,7 +138,9 @@ def test_tstr_on_noise_images_is_at_chance_on_average_over_seeds(real):
     noise = np.random.default_rng(3).random((400, 1, 28, 28), dtype=np.float32)
     control = M.train_and_test(noise, labels, test.images, test.labels, 2, seed=0, n_seeds=8, n_boot=200)
     bal, auc = control["balanced-accuracy"], control["auc"]
-    assert bal["ci95"][0] <= 0.5 <= bal["ci95"][1] and abs(bal["value"] - 0.5) < 0.05, bal
+    # Not "its interval covers 0.5": a percentile bootstrap over 8 seeds under-covers (one net here that is
+    # anti-correlated by chance, balanced accuracy 0.36, leaves [0.439, 0.4995]); the mean is the claim.
+    assert abs(bal["value"] - 0.5) < 0.05, (bal, control["per-seed"])
     per_seed = [s["auc"] for s in control["per-seed"]]
     assert 0.3 <= auc["value"] <= 0.7, (auc, per_seed)
     assert auc["ci95"][0] < 0.5 < auc["ci95"][1], (auc, per_seed)
@@ -146,7 +150,8 @@ def test_tstr_on_noise_images_is_at_chance_on_average_over_seeds(real):
     assert auc["n-positive"] + auc["n-negative"] == len(test)
     # a per-seed entry is that seed's own net, trained and scored outside train_and_test
     net = train_classifier(noise, labels, 2, epochs=M.TSTR_RECIPE["epochs"], seed=5,
-                           batch_size=M.TSTR_RECIPE["batch-size"], lr=M.TSTR_RECIPE["lr"])
+                           batch_size=M.TSTR_RECIPE["batch-size"], lr=M.TSTR_RECIPE["lr"],
+                           centred=M.TSTR_RECIPE["centred"])
     assert per_seed[5] == pytest.approx(M.auc(M.class_probabilities(net, test.images)[:, 1], test.labels == 1))
 
 
@@ -251,3 +256,15 @@ def test_resampled_minimum_equals_the_brute_force_one():
         chosen = np.zeros(40, bool)
         chosen[np.random.default_rng(seed).integers(0, 40, 40)] = True
         np.testing.assert_allclose(draw(np.random.default_rng(seed)), d[:, chosen].min(1))
+
+
+def test_the_recipe_leaves_the_plateau_on_every_seed(real):
+    """The recipe is trained enough that TSTR measures the images, not how soon a seed escapes the early plateau
+    (raw-input, 3-epoch nets sat at val loss ≈ ln 2 on some seeds: val AUC 0.90 ± 0.085). Each of 3 seeds on 1000
+    real training images must reach val AUC ≥ 0.95 and balanced accuracy ≥ 0.8."""
+    train, _, order = real
+    val = load_dataset(DEFAULT_DATA, "val")
+    a = order[:1000]
+    res = M.train_and_test(train.images[a], train.labels[a], val.images, val.labels, 2, seed=0, n_boot=10)
+    for s in res["per-seed"]:
+        assert s["auc"] >= 0.95 and s["balanced-accuracy"] >= 0.8, res["per-seed"]
