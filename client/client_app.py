@@ -63,15 +63,19 @@ class SiteClient(NumPyClient):
         input_sha256 = weights_sha256(parameters)
         if site.charge_for(run, rnd) is not None:
             return self._replay(run, site, rnd, input_sha256, fault)
-        model = self._model(run, parameters)
-        trainer = train_private_patients if plan["unit"] == "patient" else train_private  # see client/patient.py
-        result = trainer(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
-                         sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
-                         lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
-                                      plan["rounds"] * plan["steps_per_round"]),
-                         seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
-                         accountant=plan["accountant"])
-        weights = list(model.shared_weights().values())
+        if rnd == 0:  # the class-mean release (privacy/class_means.py), not a training round
+            weights, history, names, steps = self._class_means(run, site, plan)
+        else:
+            model = self._model(run, parameters)
+            trainer = train_private_patients if plan["unit"] == "patient" else train_private  # see client/patient.py
+            result = trainer(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
+                             sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
+                             lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
+                                          plan["rounds"] * plan["steps_per_round"]),
+                             seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
+                             accountant=plan["accountant"])
+            weights, history, steps = list(model.shared_weights().values()), result.history, result.steps
+            names = names_sha256(model.shared_weights())
         failure = None
         if not all(np.isfinite(w).all() for w in weights):  # never send NaN weights
             failure = f"{site.config.name}: training produced non-finite weights; nothing sent"
@@ -85,18 +89,30 @@ class SiteClient(NumPyClient):
             save_update(outbox_path(site.config.ledger_path, run.run_id, rnd), weights, input_sha256)
         # Charge before anything leaves: the weights, or just the fact that the round failed, are both
         # post-processing of these DP steps, so the site pays for them either way; the ledger says which left.
-        entry = site.charge(run, rnd, plan, result.history, weights_sha256=weights_sha256(weights),
-                            released="failure-notice" if failure else "weights", failure=failure)
+        entry = site.charge(run, rnd, plan, history, weights_sha256=weights_sha256(weights),
+                            released="failure-notice" if failure else ("class-means" if rnd == 0 else "weights"),
+                            failure=failure)
         if failure:
             raise RuntimeError(failure)
-        log.info("%s round %d: %d DP steps, σ=%.3f, ε=%.3f", site.config.name, rnd, result.steps,
-                 plan["sigma"], entry["epsilon_after"])
+        log.info("%s round %d: %d DP steps, σ=%.3f, ε=%.3f", site.config.name, rnd, steps, history[0][0],
+                 entry["epsilon_after"])
         if fault == STRAGGLER:  # charged: the update does leave, only too late for the server to use it
             time.sleep(straggler_delay(run.round_timeout))
         seed_wire_rounding(run.seed, rnd, site.config.name)
         # Only public facts beside the weights: no loss or count computed from the private images.
-        return weights, 1, {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": result.steps,
-                            "names-sha256": names_sha256(model.shared_weights()), **ledger_anchor(entry)}
+        return weights, 1, {"site": site.config.name, "epsilon": entry["epsilon_after"], "steps": steps,
+                            "names-sha256": names, **ledger_anchor(entry)}
+
+    @staticmethod
+    def _class_means(run: RunConfig, site: "Site", plan: dict):
+        """Round 0: the site's noisy per-class sums and counts, one Gaussian mechanism with the plan's σ
+        (privacy/class_means.py), as one float32 vector; charged as one step at q = 1."""
+        from privacy.class_means import WIRE_NAMES, release
+        spec = plan["class_means"]
+        rng = np.random.default_rng(run.seed * 100_003 + hash_name(site.config.name))
+        released = release(site.train.images, site.train.labels, run.num_classes, spec["sigma"], spec["coarse"],
+                           spec["clip"], units=site.train.patient_ids, rng=rng, source=site.config.name)
+        return [released.to_wire()], [(spec["sigma"], 1.0, 1)], names_sha256(WIRE_NAMES), 0
 
     def _replay(self, run: RunConfig, site: "Site", rnd: int, input_sha256: str, fault: str | None):
         """Round ``rnd`` was charged already (the server restarted): re-send that very update, or refuse."""
@@ -110,10 +126,14 @@ class SiteClient(NumPyClient):
         log.info("%s round %d: re-sending the update already charged (server restarted)", site.config.name, rnd)
         if fault == STRAGGLER:
             time.sleep(straggler_delay(run.round_timeout))
-        names = build_generator(run.model, **run.model_kwargs()).shared_weights()
+        if rnd == 0:
+            from privacy.class_means import WIRE_NAMES
+            names = WIRE_NAMES
+        else:
+            names = build_generator(run.model, **run.model_kwargs()).shared_weights()
         seed_wire_rounding(run.seed, rnd, site.config.name)
         return weights, 1, {"site": site.config.name, "epsilon": float(site.charge_for(run, rnd)["epsilon_after"]),
-                            "steps": int(site.charge_for(run, rnd)["steps"]), "replayed": True,
+                            "steps": int(site.charge_for(run, rnd)["steps"]) if rnd else 0, "replayed": True,
                             "names-sha256": names_sha256(names), **ledger_anchor(site.charge_for(run, rnd))}
 
     def evaluate(self, parameters, config):

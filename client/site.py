@@ -6,6 +6,10 @@ run config may ask for less, never for more. σ is calibrated once per run for e
 the site checks, in order: its ledger verifies (chain, signatures, head), the run's model family and C are
 allowed, the round is within the rounds it agreed to, σ meets its minimum, and the round fits its budget.
 A round that breaks a rule is refused with the rule; the refusal is logged in the ledger and nothing is charged.
+
+Round 0 (when the run's class-mean-share > 0) is the site's one class-mean release (privacy/class_means.py):
+its σ is calibrated in the same plan, for share × ε on its own, and the DP-SGD σ for the whole budget on top of
+it; it is charged like a round, as one step at q = 1.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any
 
 from fedsynth.config import RunConfig
 from privacy.accountant import BudgetExhausted, calibrate_sigma, epsilon, steps_per_round
+from privacy.class_means import default_clip, noise_multiplier
 from privacy.ledger import MECHANISM, RELEASED, Ledger, LedgerError
 from privacy.policy import SitePolicy, policy_from_node_config
 from privacy.verify import describe
@@ -135,19 +140,33 @@ class Site:
         if delta >= 1 / self.units():
             raise self._refused(f"δ={delta:g} is not below 1/N={1 / self.units():.2g} (unit: {self.unit})", "delta")
         steps, rounds = steps_per_round(run.local_epochs, run.sample_rate), self.policy.rounds(run.rounds)
+        prior, release = self.ledger.history_before(run.run_id), None
+        if run.class_mean_share > 0:  # round 0: one Gaussian release of the class means, share × ε on its own
+            dim = run.channels * (run.resolution // run.coarse) ** 2
+            release = {"sigma": noise_multiplier(run.class_mean_share * eps, delta, run.accountant),
+                       "clip": default_clip(dim), "coarse": run.coarse, "share": run.class_mean_share}
+            prior = prior + [(release["sigma"], 1.0, 1)]
         try:
-            sigma = calibrate_sigma(eps, delta, run.sample_rate, steps * rounds,
-                                    prior=self.ledger.history_before(run.run_id), accountant=run.accountant)
+            sigma = calibrate_sigma(eps, delta, run.sample_rate, steps * rounds, prior=prior,
+                                    accountant=run.accountant)
         except BudgetExhausted as exc:
             raise self._refused(f"budget: {exc}", "budget") from None
-        broken = self.policy.plan_violation(sigma, run.clip, steps * rounds, eps)
-        if broken:
-            raise self._refused(broken, _rule(broken))
+        for s in [sigma] + ([release["sigma"]] if release else []):
+            broken = self.policy.plan_violation(s, run.clip, steps * rounds, eps)
+            if broken:
+                raise self._refused(broken, _rule(broken))
         return self.ledger.append({
             "kind": "plan", "run_id": run.run_id, "model": run.model, "mechanism": MECHANISM, "sigma": sigma,
             "clip": run.clip, "sample_rate": run.sample_rate, "steps_per_round": steps, "rounds": rounds,
             "rounds_requested": run.rounds, "epsilon_budget": eps, "delta": delta, "accountant": run.accountant,
-            "unit": self.unit, "site": self.config.name, "policy": self.policy.rules()})
+            "unit": self.unit, "site": self.config.name, "policy": self.policy.rules(), "class_means": release})
+
+    @staticmethod
+    def round_step(plan: dict[str, Any], server_round: int) -> tuple[float, float, int]:
+        """(σ, q, steps) the plan charges for ``server_round``: round 0 is the class-mean release."""
+        if server_round == 0:
+            return float(plan["class_means"]["sigma"]), 1.0, 1
+        return float(plan["sigma"]), float(plan["sample_rate"]), int(plan["steps_per_round"])
 
     def check_round(self, run: RunConfig, server_round: int) -> dict[str, Any]:
         """Return the plan if the site can take part in this round, else raise RoundRefused with the rule."""
@@ -166,13 +185,16 @@ class Site:
                                 f"now has one {self.unit} as the unit; start a new run", "unit")
         if server_round > plan["rounds"]:
             raise self._refused(f"round {server_round} is past the {plan['rounds']} rounds agreed", "rounds")
+        if server_round == 0 and not plan.get("class_means"):
+            raise self._refused("round 0 (the class-mean release) is not in the plan this site agreed to for "
+                                f"{run.run_id} (class-mean-share 0)", "rounds")
         if self.ledger.rounds().count((run.run_id, server_round)):
             if self.replayable(run, server_round):
                 return plan  # a restarted server asks again: re-send the update already paid for (client/outbox.py)
             raise self._refused(f"round {server_round} of {run.run_id} was already charged", "already-charged")
         budget = self.policy.budget(plan["epsilon_budget"], plan["delta"])[0]
-        after = epsilon(self.ledger.history() + [(plan["sigma"], plan["sample_rate"], plan["steps_per_round"])],
-                        plan["delta"], plan["accountant"])
+        after = epsilon(self.ledger.history() + [self.round_step(plan, server_round)], plan["delta"],
+                        plan["accountant"])
         if after > budget + 1e-9:
             raise self._refused(f"budget: round {server_round} would bring ε to {after:.3f}, above the budget "
                                 f"ε={budget:g}", "budget")
@@ -185,7 +207,7 @@ class Site:
     def replayable(self, run: RunConfig, server_round: int) -> bool:
         """Whether this round's charged update is in the outbox, so it can be re-sent without a new charge."""
         charge = self.charge_for(run, server_round)
-        if charge is None or charge.get("released") != "weights":
+        if charge is None or charge.get("released") not in ("weights", "class-means"):
             return False
         kept = load_update(outbox_path(self.config.ledger_path, run.run_id, server_round))
         return kept is not None and kept[1].get("weights_sha256") == charge.get("weights_sha256")
@@ -202,20 +224,24 @@ class Site:
                released: str = "weights", failure: str | None = None) -> dict[str, Any]:
         """Record the steps whose result is about to leave the site (exactly what the accountant saw).
 
-        ``released``: what leaves after the charge — ``weights`` (with their sha256) or ``failure-notice``
-        (the round failed; the mere failure depends on the data, so it is charged all the same).
+        ``released``: what leaves after the charge — ``weights`` (with their sha256), ``class-means`` (round 0's
+        release, with the sha256 of its vector) or ``failure-notice`` (the round failed; the mere failure depends
+        on the data, so it is charged all the same).
         """
         if released not in RELEASED:
             raise ValueError(f"charge: released must be one of {RELEASED}, got {released!r}")
         (sigma, q, steps), = history
-        if not (math.isclose(sigma, plan["sigma"]) and math.isclose(q, plan["sample_rate"])):
-            raise RuntimeError(f"{self.config.name}: trained with σ={sigma}, q={q}, not the plan's {plan}")
+        want_sigma, want_q, _ = self.round_step(plan, server_round)
+        if not (math.isclose(sigma, want_sigma) and math.isclose(q, want_q)):
+            raise RuntimeError(f"{self.config.name}: round {server_round} ran with σ={sigma}, q={q}, not the plan's "
+                               f"σ={want_sigma}, q={want_q}")
         eps_after = epsilon(self.ledger.history() + [(sigma, q, steps)], plan["delta"], plan["accountant"])
         entry = {
             "kind": "charge", "run_id": run.run_id, "round": server_round, "mechanism": MECHANISM, "sigma": sigma,
-            "clip": plan["clip"], "sample_rate": q, "steps": steps, "delta": plan["delta"],
+            "clip": plan["class_means"]["clip"] if server_round == 0 else plan["clip"], "sample_rate": q,
+            "steps": steps, "delta": plan["delta"],
             "accountant": plan["accountant"], "unit": plan["unit"], "epsilon_after": eps_after,
-            "released": released, "weights_sha256": weights_sha256 if released == "weights" else None,
+            "released": released, "weights_sha256": None if released == "failure-notice" else weights_sha256,
             "site": self.config.name}
         if failure:
             entry["failure"] = failure
@@ -223,7 +249,8 @@ class Site:
 
     def status(self, run: RunConfig) -> dict[str, Any]:
         """Public facts about this site's spend (what the server may report)."""
-        charges = self.ledger.charges()
+        everything = self.ledger.charges()
+        charges = [c for c in everything if c.get("round") != 0]  # training rounds (round 0: class-mean release)
         plan = self.ledger.plan(run.run_id) or {}
         eps_budget, delta = self.budget(run)
         return {
@@ -234,7 +261,8 @@ class Site:
             "steps": int(sum(c["steps"] for c in charges)), "rounds": len(charges),
             "rounds-this-run": sum(1 for c in charges if c.get("run_id") == run.run_id),
             # which rounds of this run were charged: the server compares them with the rounds it used
-            "charged-rounds": ",".join(str(c["round"]) for c in charges if c.get("run_id") == run.run_id)}
+            "charged-rounds": ",".join(str(c["round"]) for c in charges if c.get("run_id") == run.run_id),
+            "class-mean-releases": len(everything) - len(charges)}
 
 
 def _rule(message: str) -> str:

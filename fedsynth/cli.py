@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-rate", type=float, default=D.sample_rate, help="Poisson sampling rate q per DP step")
     s.add_argument("--local-epochs", type=float, default=D.local_epochs,
                    help="local epochs per round (DP steps per round = ceil(epochs / q))")
+    s.add_argument("--class-mean-share", type=float, default=D.class_mean_share, metavar="SHARE",
+                   help="share of each site's ε spent once, before round 1, on its per-class mean images (the "
+                        "families' class prior); 0 = off")
     s.add_argument("--lr", type=float, default=argparse.SUPPRESS,
                    help="Adam learning rate, cosine-decayed over the run (default: the family's: " +
                         ", ".join(f"{k} {c.default_lr[0]:g}→{c.default_lr[1]:g}" for k, c in sorted(FAMILIES.items())) + ")")
@@ -123,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Run-config flags `fedsynth server` shares with `simulate` (same actions, so help and defaults stay in step).
-SERVER_RUN_FLAGS = ("model", "rounds", "epsilon", "delta", "clip", "sample_rate", "local_epochs", "lr", "n_critic",
+SERVER_RUN_FLAGS = ("model", "rounds", "epsilon", "delta", "clip", "sample_rate", "local_epochs", "class_mean_share",
+                    "lr", "n_critic",
                     "noise_multiplicity", "sampler_steps", "coarse", "secure", "secagg_deltas", "fraction", "round_timeout", "max_update_norm",
                     "out", "run_id", "seed")
 
@@ -223,8 +227,8 @@ def cmd_simulate(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites, epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    n_critic=args.n_critic, noise_multiplicity=args.noise_multiplicity, coarse=args.coarse,
-                    sampler_steps=args.sampler_steps,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic,
+                    noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps,
                     partition=args.partition, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     data_path=args.data, state_dir=args.state_dir,
                     out_dir=args.out, seed=args.seed, audit_canaries=args.audit_canaries,
@@ -314,8 +318,8 @@ def cmd_server(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites or len(hospitals), epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    n_critic=args.n_critic, noise_multiplicity=args.noise_multiplicity, coarse=args.coarse,
-                    sampler_steps=args.sampler_steps, secure=args.secure, secagg_deltas=args.secagg_deltas,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic,
+                    noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     fraction=args.fraction, round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
                     out_dir=args.out, seed=args.seed)
     return _serve(run, dep)

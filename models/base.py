@@ -61,6 +61,17 @@ class Generator(nn.Module, ABC):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images in [0, 1]; labels drawn uniformly when not given."""
 
+    def set_class_means(self, means: torch.Tensor) -> None:
+        """Make ``means`` (K, C, H/coarse, W/coarse) in [0, 1] — the class-mean release of round 0
+        (privacy/class_means.py) — the family's class prior, where its samples of class k start from."""
+        raise NotImplementedError(f"{self.family}: this family takes no class-mean prior (class-mean-share 0)")
+
+    def checked_means(self, means: torch.Tensor, side: int) -> torch.Tensor:
+        want = (self.num_classes, self.channels, side, side)
+        if tuple(means.shape) != want:
+            raise ValueError(f"{self.family}: class means must be shaped {want}, got {tuple(means.shape)}")
+        return means.float()
+
     def shared_weights(self) -> "OrderedDict[str, np.ndarray]":
         return OrderedDict((k, v.detach().cpu().numpy().astype(np.float32, copy=True))
                            for k, v in self.state_dict().items())
@@ -88,6 +99,12 @@ class Generator(nn.Module, ABC):
     def uniform_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # Uniform, never the site's own label histogram: that histogram is private data.
         return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+
+def logits(means: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """Pre-sigmoid values of mean images in [0, 1] (clamped to [eps, 1 − eps]: a saturated pixel has no logit)."""
+    m = means.clamp(eps, 1 - eps)
+    return torch.log(m) - torch.log1p(-m)
 
 
 @contextmanager

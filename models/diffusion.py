@@ -165,6 +165,18 @@ class ConditionalDiffusion(Generator):
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
+    def set_class_means(self, means):
+        """The UNet's class images become the means (in the [-1, 1] space it diffuses; the "no label" image the
+        mean of the classes'), in the trained weights and their EMA: the x0-prediction starts at each class's
+        mean image, the part of the signal guidance amplifies."""
+        if self.coarse == 1:
+            raise ValueError("diffusion: the full-resolution UNet (coarse 1) has no class image; use coarse 2 or "
+                             "class-mean-share 0")
+        flat = (self.checked_means(means, self.resolution // self.coarse) * 2 - 1).flatten(1)
+        for net in (self.net, self.ema):
+            net.class_image.weight.copy_(torch.cat([flat, flat.mean(0, keepdim=True)]))
+
+    @torch.no_grad()
     def loss(self, x, y):
         """Per-image prediction error (the training loss) of the EMA model, averaged over K noise draws."""
         xt, t, labels, noise = self.corrupt(x, y, self.k)

@@ -23,25 +23,20 @@ limitation as Opacus without ``secure_mode``, which needs torchcsprng, see DESIG
 """
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privacy.accountant import calibrate_sigma, epsilon as accounted_epsilon
+# The pooling, clipping and σ of a sensitivity-1 release are the class-mean release's (privacy/class_means.py);
+# this module adds the second moments and the principal components.
+from privacy.class_means import (CENTER, CLIP_PER_ROOT_DIM, COUNT_SHARE, clip_rows, default_clip,  # noqa: F401
+                                 noise_multiplier, pooled_vectors, release_epsilon)
 
 from .base import Generator
 
-CENTER = 0.5  # public centre of pixel values in [0, 1]
-# Clip norm per √d: an image whose pixels deviate from mid-grey by RMS 0.2 is not clipped. Fixed after looking
-# at the bundled (public stand-in) training split: the 75th percentile of ‖x − 0.5‖ is 0.20·√d at half
-# resolution (median 0.17·√d).
-CLIP_PER_ROOT_DIM = 0.2
-COUNT_SHARE = 0.05  # counts are in the hundreds or more: a small share of the budget makes them accurate
 MEAN_SHARE_WITH_COMPONENTS = 0.45  # the rest (0.5) goes to the second moments
 
 
@@ -58,40 +53,6 @@ def part_scales(clip: float, with_second_moments: bool) -> dict[str, float]:
     rho = budget_shares(with_second_moments)
     return {"sums": math.sqrt(rho["sums"]) / clip, "counts": math.sqrt(rho["counts"]),
             "second-moments": math.sqrt(rho["second-moments"]) / clip ** 2}
-
-
-def default_clip(dim: int) -> float:
-    return CLIP_PER_ROOT_DIM * math.sqrt(dim)
-
-
-@functools.lru_cache(maxsize=64)  # a pure function of its arguments, and each PRV bisection takes ~0.3 s
-def noise_multiplier(target_epsilon: float, delta: float, accountant: str = "prv") -> float:
-    """σ for the sensitivity-1 release: one Gaussian mechanism = one step at sample rate 1."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 − q) at q = 1 is −inf, harmless
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return calibrate_sigma(target_epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
-
-
-@functools.lru_cache(maxsize=64)
-def release_epsilon(sigma: float, delta: float, accountant: str = "prv") -> float:
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return accounted_epsilon([(sigma, 1.0, 1)], delta, accountant)
-
-
-def pooled_vectors(images: np.ndarray, coarse: int) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] → (N, C·(H/coarse)·(W/coarse)) float64, average-pooled and centred on 0.5."""
-    x = np.asarray(images, dtype=np.float64)
-    n, c, h, w = x.shape
-    if h % coarse or w % coarse:
-        raise ValueError(f"dp_pca: image size {h}×{w} must be a multiple of coarse ({coarse})")
-    x = x.reshape(n, c, h // coarse, coarse, w // coarse, coarse).mean((3, 5))
-    return x.reshape(n, -1) - CENTER
-
-
-def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
 
 
 def exact_moments(x: np.ndarray, labels: np.ndarray, num_classes: int,

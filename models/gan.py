@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Generator, per_sample_grads_off
+from .base import Generator, logits, per_sample_grads_off
 
 
 class _G(nn.Module):
     """(z, y) -> image in [0, 1] at resolution/coarse: Linear to resolution/4, then one Upsample + Conv
-    (GroupNorm, ReLU) per doubling, a 3x3 Conv to the image. No sub-pixel output (it left a 2x2 checkerboard)."""
+    (GroupNorm, ReLU) per doubling, a 3x3 Conv to logits, plus a learned logit image per class (the class
+    prior: zero, i.e. grey, until ``set_class_means``), then a sigmoid. No sub-pixel output (it left a 2x2
+    checkerboard)."""
 
     def __init__(self, num_classes: int, channels: int, resolution: int, noise_dim: int, width: int, coarse: int):
         super().__init__()
@@ -36,10 +38,14 @@ class _G(nn.Module):
         for _ in range({1: 2, 2: 1, 4: 0}[coarse]):
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, width, 3, 1, 1), nn.GroupNorm(8, width), nn.ReLU()]
             c = width
-        self.net = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, 1, 1), nn.Sigmoid())
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, channels, 3, 1, 1))
+        self.shape = (channels, resolution // coarse, resolution // coarse)
+        self.class_logits = nn.Embedding(num_classes, channels * self.shape[1] * self.shape[2])
+        nn.init.zeros_(self.class_logits.weight)
 
     def forward(self, z, y):
-        return self.net(self.fc(torch.cat([z, F.one_hot(y, self.num_classes).float()], 1)))
+        h = self.net(self.fc(torch.cat([z, F.one_hot(y, self.num_classes).float()], 1)))
+        return torch.sigmoid(h + self.class_logits(y).view(-1, *self.shape))
 
 
 class _D(nn.Module):
@@ -129,6 +135,13 @@ class ConditionalGAN(Generator):
     def loss(self, x, y):
         """D's per-image loss on real images (low: D finds them real)."""
         return F.softplus(-self.discriminator(self.at_work_resolution(x), y))
+
+    @torch.no_grad()
+    def set_class_means(self, means):
+        """The generator's class logit images become the means' logits: G starts from each class's mean image
+        (only G holds them: it never sees real images, and D learns on its own what real images look like)."""
+        means = self.checked_means(means, self.resolution // self.coarse)
+        self.generator.class_logits.weight.copy_(logits(means).flatten(1))
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Generator
+from .base import Generator, logits
 
 
 def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -80,6 +80,14 @@ class ConditionalVAE(Generator):
         loss.backward()
         optimizer.step()
         return {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def set_class_means(self, means):
+        """The linear decoder's class columns become the means' logits (its bias 0): at z = 0 the decoder draws
+        each class's mean image; the latent columns and the conv path (zero at init) add the variation."""
+        means = self.checked_means(means, self.resolution // self.coarse)
+        self.linear_decoder.weight[:, self.latent_dim:] = logits(means).flatten(1).T
+        self.linear_decoder.bias.zero_()
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None):

@@ -3,7 +3,8 @@
 Entry kinds:
 - ``plan``: σ calibrated once for a run (budget, q, steps per round, rounds agreed to, the site's policy);
 - ``charge``: DP-SGD steps whose result left the site (mechanism, σ, C, q, steps, unit, accountant, ε after,
-  what was released and the sha256 of the weights) — these are what ε composes;
+  what was released and the sha256 of the weights) — these are what ε composes; round 0's class-mean
+  release (``released`` = ``class-means``) is one Gaussian mechanism, recorded as one step at q = 1;
 - ``refusal``: a round the site declined, with the rule it broke (nothing left the site, nothing charged).
 
 Every line is the canonical JSON (``privacy.keys.canonical``) of one entry, which carries
@@ -41,7 +42,7 @@ FORMAT = 2
 GENESIS = "0" * 64
 KINDS = ("plan", "charge", "refusal")
 MECHANISM = "subsampled-gaussian"
-RELEASED = ("weights", "failure-notice")
+RELEASED = ("weights", "failure-notice", "class-means")  # class-means: round 0's release (privacy/class_means.py)
 RESERVED = ("v", "seq", "prev", "pub", "sig")
 Step = tuple[float, float, int]
 

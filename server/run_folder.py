@@ -20,7 +20,7 @@ from .robustness_summary import charged_not_used, robustness_lines  # noqa: E402
 from .ledger_heads import write_ledger_heads  # noqa: E402
 
 PRIVACY_KEYS = ("epsilon", "delta", "epsilon-budget", "unit", "accountant", "sigma", "clip", "sample-rate",
-                "steps", "rounds", "rounds-this-run")
+                "steps", "rounds", "rounds-this-run", "class-mean-releases")
 
 
 def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: float,
@@ -41,7 +41,7 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
     names = class_names or [f"class {c}" for c in range(run.num_classes)]
     save_png(run_dir / "samples.png", sample_grid(model, names, per_class=10, seed=run.seed))
     save_png(run_dir / "epsilon.png", epsilon_plot(rounds, privacy))
-    completed = sum(1 for r in rounds if r.get("sites"))
+    completed = sum(1 for r in rounds if r.get("sites") and r["round"] >= 1)  # round 0: the class-mean release
     lines = [
         f"fedsynth run {run.run_id}: {run.model}, {run.sites} sites, {completed}/{run.rounds} rounds "
         f"in {seconds:.0f}s, secure aggregation {'on (SecAgg+)' if run.secure else 'off'}",
@@ -55,10 +55,23 @@ def write_run_folder(run_dir: Path, run: RunConfig, strategy, weights, seconds: 
                      f"{p['rounds']:>6}  {p['unit']} ({p['accountant']})")
     for r in strategy.refusals:
         lines.append(f"  refused: {r['site']} round {r['round']}: {r['reason']}")
+    lines += class_mean_lines(run, strategy.round_metrics.get(0, {}))
     lines += robustness_lines(strategy, rounds)
     lines += ["", "files: weights.safetensors config.json metrics.json privacy.json samples.png epsilon.png "
               "checkpoints/"]
     atomic_write_bytes(run_dir / "summary.txt", ("\n".join(lines) + "\n").encode())
+
+
+def class_mean_lines(run: RunConfig, round0: dict[str, Any]) -> list[str]:
+    if run.class_mean_share <= 0:
+        return ["", "class means: not released (class-mean-share 0); every class starts from the plain model"]
+    if round0.get("phase") != "class-means":
+        return []  # the run ended before round 0
+    if round0.get("skipped"):
+        return ["", f"class means: {round0['skipped']}"]
+    return ["", f"class means: released once before round 1 by {', '.join(round0['sites'])} (share "
+                f"{run.class_mean_share:g} of each site's ε; one Gaussian mechanism, σ in each ledger's round-0 "
+                f"charge); the model's class prior starts from them (noisy counts per class: {round0['class-counts']})"]
 
 
 def sample_grid(model: Generator, class_names: list[str], per_class: int, seed: int):

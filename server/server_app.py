@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from fedsynth.config import RunConfig
 
 from .checkpoint import save_checkpoint, write_json
+from .class_means import class_mean_round
 from .fit_workflow import timed_fit_workflow
 from .resume import Resumed, last_checkpoint
 from .secagg_choice import secagg_choice
@@ -96,6 +97,17 @@ def run_federation(grid: Grid, context: Context, run: RunConfig, class_names: li
         cfg = ConfigRecord({Key.START_TIME: start, Key.CURRENT_ROUND: resumed.round})
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
         default_evaluate_workflow(grid, legacy)  # the roll call before the first round (to be) trained
+        if run.class_mean_share > 0 and resumed.weights is None:
+            stop_reason = strategy.why_stop()
+            if not stop_reason:  # round 0: the class-mean releases become the model's class prior
+                t0 = time.time()
+                weights = class_mean_round(grid, legacy, strategy, fit_workflow)
+                entry = strategy.round_metrics[0]
+                entry["seconds"] = round(time.time() - t0, 2)
+                save_checkpoint(run_dir, 0, weights, {
+                    "run_id": run.run_id, "config": run.to_flower(), "metrics": entry, "refusals": strategy.refusals,
+                    "rounds": [strategy.round_metrics[r] for r in sorted(strategy.round_metrics)]})
+                default_evaluate_workflow(grid, legacy)  # the sites' spend after the release
         for rnd in range(resumed.round + 1, run.rounds + 1):
             stop_reason = strategy.why_stop()
             for _ in range(ROLLCALL_RETRIES):  # a site that crashed at the roll call may be back: ask again

@@ -18,6 +18,7 @@ from flwr.server.strategy import FedAvg
 from fedsynth.config import RunConfig
 from fedsynth.layout import names_sha256
 from models import build_generator
+from privacy.class_means import WIRE_NAMES
 
 from .ledger_heads import heads_from_results
 from .update_check import update_problem
@@ -44,6 +45,7 @@ class FedSynthStrategy(FedAvg):
         self.refusals: list[dict[str, Any]] = []          # (round, site, reason)
         self.round_metrics: dict[int, dict[str, Any]] = {}
         self.secagg_note = ""                              # why SecAgg+ runs with its threshold (run summary)
+        self.phase = "train"                               # "class-means" during round 0 (server/class_means.py)
         self.rollcall_failures = 0                         # sites that did not answer the last roll call
 
     def _config(self, server_round: int) -> dict[str, Any]:
@@ -87,6 +89,8 @@ class FedSynthStrategy(FedAvg):
         proxies = {p.node_id: p for p in client_manager.all().values() if p.node_id in self.willing}
         names = sorted(proxies, key=self.site_of)
         k = min(len(names), max(2 if self.run.secure else 1, round(self.run.fraction * len(names))))
+        if self.phase == "class-means":
+            k = len(names)  # every willing site releases its class means once (fraction is for training rounds)
         chosen = sorted(random.Random(f"fedsynth-sample:{self.run.seed}:{server_round}").sample(names, k),
                         key=self.site_of)
         entry = self.round_metrics.setdefault(server_round, {"round": server_round})
@@ -118,7 +122,7 @@ class FedSynthStrategy(FedAvg):
         # global model would double every later message.
         arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(params)]
         if self.run.secure:  # the server sees only the sum: check that (see server/update_check.py)
-            problem = update_problem(arrays, self.current, self.run.max_update_norm)
+            problem = update_problem(arrays, self.current, self.max_norm())
             if problem:
                 log.error("round %d: the secure aggregate is rejected (%s); keeping the previous global model",
                           server_round, problem)
@@ -142,7 +146,7 @@ class FedSynthStrategy(FedAvg):
 
     def _checked(self, server_round, results, entry):
         """Results whose updates may be averaged; each rejected one is logged and named in ``rejected``."""
-        expected = names_sha256(self.names)
+        expected = names_sha256(WIRE_NAMES if self.phase == "class-means" else self.names)
         kept, rejected = [], []
         for proxy, res in results:
             site = str(res.metrics.get("site", self.site_of(proxy.node_id)))
@@ -155,7 +159,7 @@ class FedSynthStrategy(FedAvg):
                 except Exception as exc:  # bytes that are not an ndarray
                     arrays, problem = None, f"unreadable arrays ({type(exc).__name__}: {exc})"
                 if arrays is not None:
-                    problem = update_problem(arrays, self.current, self.run.max_update_norm,
+                    problem = update_problem(arrays, self.current, self.max_norm(),
                                              res.metrics.get("names-sha256"), expected)
             if problem:
                 log.error("round %d: rejected the update of %s: %s (it left the site: it stays charged there)",
@@ -169,6 +173,10 @@ class FedSynthStrategy(FedAvg):
                       server_round)
             return []
         return kept
+
+    def max_norm(self) -> float:
+        """The bound on an update's change of the global model; a class-mean release is not a change of it."""
+        return np.inf if self.phase == "class-means" else self.run.max_update_norm
 
     def weights(self, parameters: Parameters) -> "OrderedDict[str, np.ndarray]":
         arrays = parameters_to_ndarrays(parameters)

@@ -1,12 +1,16 @@
-"""Benchmark: the release report's figures for every family × ε, plus a non-private reference (issue 4).
+"""Benchmark: the release report's figures for every family × ε × recipe, plus a non-private reference (issues 4, 9).
 
 ``python -m simulations.bench_release_table --out /tmp/table [--families vae gan diffusion] [--epsilons 1 10]
-[--sites 4] [--partition dirichlet:0.5]`` runs, for each family and ε, the real ``fedsynth simulate`` (a fresh
-state folder each, so each site's ε starts at 0; SecAgg+, the release report at the end) and reads its
-``report.json``. The non-private reference per family trains the same generator with the same recipe
-(steps, expected batch, learning-rate schedule) on the *pooled* training parts of the same simulated sites,
-without clipping or noise, and gets the same release report — the upper bound a DP federation is measured
-against. One markdown table at the end (and ``table.json``); each row's wall time is the whole command's.
+[--class-mean-shares 0 0.3] [--seeds 0 1 2] [--sites 4] [--partition dirichlet:0.5]`` runs, for each family,
+recipe (class-mean-share: 0 = no class-mean release) , ε and seed, the real ``fedsynth simulate`` (a fresh state
+folder each, so each site's ε starts at 0; SecAgg+, the release report at the end) and reads its
+``report.json``. The seed sets the partition, the model's initialization, the DP noise and the report's
+classifier seeds. The non-private reference per family, recipe and seed trains the same generator with the
+same recipe (the exact class means when the recipe releases them, the same steps, expected batch and
+learning-rate schedule) on the *pooled* training parts of the same simulated sites, without clipping or
+noise, and gets the same release report — the upper bound a DP federation is measured against. One markdown
+table at the end, each figure the mean ± sd over the seeds (and ``table.json`` with every run); the wall time
+is the whole command's, per run.
 """
 from __future__ import annotations
 
@@ -25,9 +29,6 @@ from fedsynth.config import RunConfig
 from models import FAMILIES, build_generator
 from server.checkpoint import save_weights, write_json
 
-COLUMNS = ("FID", "KID", "precision", "recall", "TSTR AUC", "MIA AUC (black / white)", "max ε", "wall")
-
-
 def figures(report: dict, wall: float) -> dict:
     fid, util, mia = report["fidelity"], report["utility"], report["membership-inference"]
     pr = fid["precision-recall"]
@@ -39,11 +40,16 @@ def figures(report: dict, wall: float) -> dict:
             "max ε": report["privacy"]["max-epsilon"], "wall": wall}
 
 
-def private_run(family: str, eps: float, args, out: Path) -> dict:
-    run_id = f"{family}-eps{eps:g}"
+def run_name(family: str, share: float, eps: float, seed: int) -> str:
+    return f"{family}-share{share:g}-eps{eps:g}-seed{seed}"
+
+
+def private_run(family: str, share: float, eps: float, seed: int, args, out: Path) -> dict:
+    run_id = run_name(family, share, eps, seed)
     cmd = [sys.executable, "-m", "fedsynth.cli", "simulate", "--model", family, "--epsilon", str(eps),
-           "--sites", str(args.sites), "--partition", args.partition, "--seed", str(args.seed),
-           "--state-dir", str(out / run_id / "state"), "--out", str(out / run_id / "runs"), "--run-id", run_id]
+           "--class-mean-share", str(share), "--sites", str(args.sites), "--partition", args.partition,
+           "--seed", str(seed), "--state-dir", str(out / run_id / "state"), "--out", str(out / run_id / "runs"),
+           "--run-id", run_id]
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     with open(out / f"{run_id}.log", "w") as log:
@@ -53,11 +59,12 @@ def private_run(family: str, eps: float, args, out: Path) -> dict:
     return figures(report, wall)
 
 
-def non_private_run(family: str, args, out: Path, like: Path) -> dict:
+def non_private_run(family: str, seed: int, out: Path, like: Path) -> dict:
     """The same generator and recipe on the pooled sites' training parts, no clipping, no noise."""
     from client.data import load_npz
     from client.trainer import cosine_lr
     from privacy.accountant import steps_per_round
+    from privacy.class_means import release
     from simulations.report import evaluate
 
     t0 = time.perf_counter()
@@ -69,13 +76,18 @@ def non_private_run(family: str, args, out: Path, like: Path) -> dict:
     y = torch.from_numpy(np.concatenate([p.labels for p in parts]))
     steps = steps_per_round(run.local_epochs, run.sample_rate) * run.rounds  # what each site took
     batch = max(1, round(run.sample_rate * len(x) / run.sites))  # a site's expected batch
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = build_generator(family, **run.model_kwargs())
+    if run.class_mean_share > 0:  # the recipe's class prior, from the exact (noise-free) pooled class means
+        side = run.resolution // run.coarse
+        exact = release(x.numpy(), y.numpy(), run.num_classes, 0.0, run.coarse)
+        model.set_class_means(torch.as_tensor(exact.means(), dtype=torch.float32)
+                              .view(run.num_classes, run.channels, side, side))
     lr_max = run.lr  # the private run's schedule, as its config.json recorded it
     lr_at = cosine_lr(run.lr, run.lr_final, 0, steps)
     module = model.private_module()
     opt, public = model.optimizer(module.parameters(), lr_max), model.public_optimizer(lr_max)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
         for o in (opt, public):
@@ -86,10 +98,10 @@ def non_private_run(family: str, args, out: Path, like: Path) -> dict:
         if step % 100 == 0:
             print(f"  non-private {family}: step {step}/{steps}", flush=True)
     model.eval()
-    run_dir = out / f"{family}-non-private"
+    run_dir = out / f"{like.name}-non-private"
     run_dir.mkdir(parents=True, exist_ok=True)
     save_weights(run_dir / "weights.safetensors", model.shared_weights(), {"family": family})
-    write_json(run_dir / "config.json", {**cfg, "run-id": f"{family}-non-private"})
+    write_json(run_dir / "config.json", {**cfg, "run-id": run_dir.name})
     write_json(run_dir / "metrics.json", {"rounds": []})
     write_json(run_dir / "privacy.json", {"pooled, non-private": {
         "epsilon": math.inf, "delta": 0.0, "unit": "none (no clipping, no noise)", "steps": steps}})
@@ -97,13 +109,32 @@ def non_private_run(family: str, args, out: Path, like: Path) -> dict:
     return figures(report, time.perf_counter() - t0)
 
 
+FIGURES = ("FID", "KID", "precision", "recall", "TSTR AUC", "TRTR AUC", "MIA black", "MIA white", "max ε", "wall")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per figure: the mean and (over ≥ 2 seeds) the sample sd of the runs' values."""
+    out = {}
+    for k in FIGURES:
+        v = np.array([r[k] for r in runs], dtype=float)
+        out[k] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)
+    return out
+
+
 def fmt(row: dict) -> str:
-    def f(v, p=3):
-        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
-    eps = "∞" if math.isinf(row["max ε"]) else f"{row['max ε']:.2f}"
-    return (f"| {row['family']} | {row['setting']} | {f(row['FID'])} | {f(row['KID'], 4)} | {f(row['precision'])} | "
-            f"{f(row['recall'])} | {f(row['TSTR AUC'])} (TRTR {f(row['TRTR AUC'])}) | {f(row['MIA black'])} / "
-            f"{f(row['MIA white'])} | {eps} | {row['wall'] / 60:.1f} min |")
+    def f(k, p=3):
+        mean, sd = row["summary"][k]
+        if mean is None or math.isnan(mean):
+            return "—"
+        return f"{mean:.{p}f}" + ("" if sd is None else f" ± {sd:.{p}f}")
+    eps = "∞" if math.isinf(row["summary"]["max ε"][0]) else f"{row['summary']['max ε'][0]:.2f}"
+    return (f"| {row['family']} | {row['recipe']} | {row['setting']} | {len(row['runs'])} | {f('FID', 2)} | "
+            f"{f('precision')} | {f('recall')} | {f('TSTR AUC')} | {f('TRTR AUC')} | {f('MIA black')} / "
+            f"{f('MIA white')} | {eps} | {row['summary']['wall'][0] / 60:.1f} min |")
+
+
+HEADER = ("| family | recipe | setting | seeds | FID | precision | recall | TSTR AUC | TRTR AUC | "
+          "MIA AUC (black / white) | max ε | wall per run |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,25 +142,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
+    p.add_argument("--class-mean-shares", nargs="+", type=float, default=[RunConfig().class_mean_share])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--partition", default="dirichlet:0.5")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reference", action="store_true", help="skip the non-private rows")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for family in args.families:
-        for eps in args.epsilons:
-            rows.append({"family": family, "setting": f"ε = {eps:g}", **private_run(family, eps, args, args.out)})
-            print(fmt(rows[-1]), flush=True)
-        if not args.no_reference:
-            like = args.out / f"{family}-eps{args.epsilons[-1]:g}" / "runs" / f"{family}-eps{args.epsilons[-1]:g}"
-            rows.append({"family": family, "setting": "non-private (pooled)",
-                         **non_private_run(family, args, args.out, like)})
-            print(fmt(rows[-1]), flush=True)
-        write_json(args.out / "table.json", rows)
-    print("\n| family | setting | FID | KID | precision | recall | TSTR AUC | MIA AUC (black / white) | max ε | wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        for share in args.class_mean_shares:
+            recipe = f"class-mean-share {share:g}"
+            for eps in args.epsilons + ([] if args.no_reference else [math.inf]):
+                runs = []
+                for seed in args.seeds:
+                    if math.isinf(eps):  # the non-private reference, like the seed's last private run
+                        name = run_name(family, share, args.epsilons[-1], seed)
+                        runs.append(non_private_run(family, seed, args.out, args.out / name / "runs" / name))
+                    else:
+                        runs.append(private_run(family, share, eps, seed, args, args.out))
+                    print(f"  seed {seed}: " + ", ".join(f"{k} {runs[-1][k]:.4g}" for k in FIGURES), flush=True)
+                setting = "non-private (pooled)" if math.isinf(eps) else f"ε = {eps:g}"
+                rows.append({"family": family, "recipe": recipe, "setting": setting, "seeds": args.seeds,
+                             "runs": runs, "summary": summarize(runs)})
+                print(HEADER.splitlines()[0] + "\n" + fmt(rows[-1]), flush=True)
+                write_json(args.out / "table.json", rows)
+    print("\n" + HEADER)
     for row in rows:
         print(fmt(row))
 

@@ -1,6 +1,6 @@
 """A real deployment on localhost: `fedsynth server` (flower-superlink with TLS and SuperNode authentication)
 and three `fedsynth client` hospitals (flower-supernode, each with its own port, data file, ledger and node
-key) run two SecAgg+ rounds; a SuperNode with an unregistered key is refused; one without the CA can't
+key) run the class-mean release (round 0) and two SecAgg+ rounds; a SuperNode with an unregistered key is refused; one without the CA can't
 connect. Every process runs in its own process group and is killed in teardown, pass or fail.
 
 Slow by nature: each of the run's 11 Flower messages per node starts a ClientApp process that imports torch
@@ -126,14 +126,17 @@ def test_three_hospitals_two_secure_rounds_over_tls(deployment):
                                                                                            2: list(HOSPITALS)}
     assert "on (SecAgg+)" in (run_dir / "summary.txt").read_text()
     assert "round 2/2 done" in log and "SuperLink stopped" in log  # the ServerApp's own lines, streamed
-    for h in HOSPITALS:  # Flower's secaggplus_mod at each node: masked weights left, once per round
-        assert deployment.logs[h].read_text().count("uploading masked parameters") == 2, h
+    assert metrics["rounds"][0]["phase"] == "class-means" and metrics["rounds"][0]["sites"] == list(HOSPITALS)
+    for h in HOSPITALS:  # Flower's secaggplus_mod at each node: a masked vector left once per round, round 0 too
+        assert deployment.logs[h].read_text().count("uploading masked parameters") == 3, h
     privacy = json.loads((run_dir / "privacy.json").read_text())
     for h in HOSPITALS:
         ledger = [json.loads(line) for line in (deployment.state / h / "ledger.jsonl").read_text().splitlines()]
         charges = [e for e in ledger if e["kind"] == "charge"]
-        assert [(c["run_id"], c["round"], c["released"]) for c in charges] == [("deployed", 1, "weights"),
-                                                                                ("deployed", 2, "weights")]
+        # the CLI's default class-mean-share: round 0 released the class means, one step at q = 1
+        assert [(c["run_id"], c["round"], c["released"]) for c in charges] == [
+            ("deployed", 0, "class-means"), ("deployed", 1, "weights"), ("deployed", 2, "weights")]
+        assert (charges[0]["sample_rate"], charges[0]["steps"]) == (1.0, 1)
         assert privacy[h]["rounds"] == 2 and privacy[h]["epsilon"] == pytest.approx(charges[-1]["epsilon_after"])
         assert 0 < charges[-1]["epsilon_after"] <= TINY["epsilon"]
     # Each ledger verifies (chain, signatures, head), its ε recomputes, and it still holds the heads the server
@@ -266,7 +269,8 @@ def test_server_killed_after_round_one_resumes_without_losing_or_doubling_a_char
         "server", *d.server_args, "--rounds", "2", "--run-id", "killed", "--out", str(d.root / "runs"),
         "--local-epochs", str(TINY["local_epochs"]), "--sample-rate", str(TINY["sample_rate"]),
         # ε is composed over every run in a ledger: the first run planned to spend TINY's whole budget
-        "--epsilon", str(2 * TINY["epsilon"]), "--delta", str(TINY["delta"]), "--seed", str(TINY["seed"])))
+        "--epsilon", str(2 * TINY["epsilon"]), "--delta", str(TINY["delta"]), "--seed", str(TINY["seed"]),
+        "--class-mean-share", "0"))
     _wait_for(lambda: (run_dir / "checkpoints" / "round-001.json").exists()
               and any((2, "weights") in _charges(d.state, h, "killed") for h in HOSPITALS),
               RUN_TIMEOUT, server, d.logs["server-killed"])

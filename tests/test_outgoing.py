@@ -6,7 +6,9 @@ The Ray workers that run the sites are other processes, so the record is files, 
 
 Allowed, and nothing else (README, *What leaves a site*):
 - train replies, plain: one array record with exactly the model's shared weights (order, shapes, float32 — and
-  the very bytes the site charged in its ledger), a weight of 1 and the documented fit metrics;
+  the very bytes the site charged in its ledger), a weight of 1 and the documented fit metrics; in round 0, the
+  class-mean release instead: one float32 vector of per-class sums and counts (privacy/class_means.py), the
+  very bytes charged;
 - train replies, SecAgg+: the protocol's config record — public keys, encrypted key shares, the masked
   integer vectors (one per shared array, plus SecAgg+'s weight factor), unmasking shares. The masked-vector
   reply is Flower's reply to the site's fit with its arrays emptied, so it also carries the fit metrics and
@@ -30,6 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.client_app import client_fn, secure_aggregation_mod
 from client.data import load_dataset
 from models import build_generator
+from privacy.class_means import wire_length
 from privacy.ledger import Ledger, weights_sha256
 from simulations.runner import simulate
 
@@ -37,7 +40,8 @@ SITES = ["site-0", "site-1"]
 # Documented in README (*What leaves a site*): a key added there must be added here, and the other way round.
 FIT_METRICS = {"site", "epsilon", "steps", "names-sha256", "ledger-seq", "ledger-head", "replayed"}
 ROLL_CALL = {"site", "epsilon", "delta", "epsilon-budget", "unit", "accountant", "sigma", "clip", "sample-rate",
-             "steps", "rounds", "rounds-this-run", "charged-rounds", "next-round-ok", "next-round-reason"}
+             "steps", "rounds", "rounds-this-run", "charged-rounds", "class-mean-releases", "next-round-ok",
+             "next-round-reason"}
 SECAGG_STAGES = [{Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}, {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
                  {Key.MASKED_PARAMETERS}, {Key.NODE_ID_LIST, Key.SHARE_LIST}]
 
@@ -88,7 +92,8 @@ def recorded(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def federations(make_run, tmp_path_factory):
-    """One tiny 1-round federation with SecAgg+ and one without, each site's every reply recorded."""
+    """One tiny federation (round 0's class-mean release, then 1 round) with SecAgg+ and one without, each
+    site's every reply recorded."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import this test module
@@ -96,7 +101,7 @@ def federations(make_run, tmp_path_factory):
     for secure in (True, False):
         folder = tmp_path_factory.mktemp(f"outgoing-{'secure' if secure else 'plain'}")
         app = ClientApp(client_fn=client_fn, mods=[recording_mod(str(folder)), secure_aggregation_mod])
-        run = make_run(f"outgoing-{secure}", secure=secure, rounds=1)
+        run = make_run(f"outgoing-{secure}", secure=secure, rounds=1, class_mean_share=0.2)
         simulate(run, client_app=app, reports=False)
         out[secure] = (run, recorded(folder))
     return out
@@ -104,6 +109,10 @@ def federations(make_run, tmp_path_factory):
 
 def shared_shapes(run) -> list[tuple[int, ...]]:
     return [tuple(w.shape) for w in build_generator(run.model, **run.model_kwargs()).shared_weights().values()]
+
+
+def release_shape(run) -> tuple[int]:
+    return (wire_length(run.num_classes, run.channels * (run.resolution // run.coarse) ** 2),)
 
 
 def check_nothing_image_like(entry, run, arrays=None) -> None:
@@ -138,7 +147,7 @@ def test_plain_fedavg_sends_exactly_the_charged_shared_weights(federations):
     assert messages and all(m["error"] is None for m in messages)
     shapes = shared_shapes(run)
     fits = [m for m in messages if m["type"] == "train"]
-    assert sorted(m["site"] for m in fits) == SITES  # one update per site in the one round
+    assert sorted(m["site"] for m in fits) == sorted(SITES * 2)  # round 0's release, then one update per site
     for m in messages:
         check_nothing_image_like(m, run)
         if m["type"] != "train":
@@ -146,38 +155,48 @@ def test_plain_fedavg_sends_exactly_the_charged_shared_weights(federations):
             continue
         assert list(m["arrays"]) == ["fitres.parameters"]
         sent = [m["array_values"][f"fitres.parameters/{k}"] for k in m["arrays"]["fitres.parameters"]]
-        assert [a.shape for a in sent] == shapes and all(a.dtype == np.float32 for a in sent)
+        release, charge = charge_of(run, m, fits)
+        assert [a.shape for a in sent] == ([release_shape(run)] if release else shapes)
+        assert all(a.dtype == np.float32 for a in sent)
         # the very bytes the site charged for: the ledger's hash of the update equals the hash of what was sent
-        (charge,) = Ledger(Path(run.state_dir) / m["site"] / "ledger.jsonl").charges()
-        assert charge["released"] == "weights" and charge["weights_sha256"] == weights_sha256(sent)
+        assert charge["released"] == ("class-means" if release else "weights")
+        assert charge["weights_sha256"] == weights_sha256(sent)
         assert set(m["configs"]) == {"fitres.metrics", "fitres.status"}
         check_fit_metrics(m)
-    assert sum(m["type"] == "evaluate" for m in messages) == 2 * len(SITES)  # roll call before and after round 1
+    assert sum(m["type"] == "evaluate" for m in messages) == 3 * len(SITES)  # roll call before and after rounds 0, 1
+
+
+def charge_of(run, message, fits) -> tuple[bool, dict]:
+    """(whether ``message`` is the site's round-0 release, its ledger charge): the site's fits come in round order."""
+    k = [m for m in fits if m["site"] == message["site"]].index(message)
+    charges = Ledger(Path(run.state_dir) / message["site"] / "ledger.jsonl").charges()
+    assert [c["round"] for c in charges] == [0, 1]
+    return k == 0, charges[k]
 
 
 def test_secagg_sends_only_masked_vectors_of_the_shared_weights(federations):
     run, messages = federations[True]
     assert messages and all(m["error"] is None for m in messages)
     shapes = shared_shapes(run)
-    n_shared = sum(int(np.prod(s)) for s in shapes)
     for site in SITES:
         fits = [m for m in messages if m["type"] == "train" and m["site"] == site]
-        # the four SecAgg+ stages, in order, nothing else: no plain weights
-        assert [set(m["configs"].get(RECORD_KEY_CONFIGS, {})) for m in fits] == SECAGG_STAGES
-        for m in fits[:2] + fits[3:]:
-            assert m["arrays"] == {} and m["metrics"] == {} and list(m["configs"]) == [RECORD_KEY_CONFIGS]
-        fit = fits[2]  # the fit reply itself, its weights replaced by the masked vectors
-        assert fit["arrays"] == {"fitres.parameters": []} and fit["array_values"] == {}
-        check_fit_metrics(fit)
-        masked = [bytes_to_ndarray(bytes.fromhex(b["bytes"]))
-                  for b in fits[2]["configs"][RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-        # SecAgg+ puts its weight factor first, then one masked integer vector per shared array
-        assert [a.shape for a in masked] == [(1,), *shapes]
-        assert sum(a.size for a in masked) == n_shared + 1
-        assert all(a.dtype.kind in "iu" for a in masked)
-        check_nothing_image_like(fits[2], run, {f"masked/{i}": a for i, a in enumerate(masked)})
-        (charge,) = Ledger(Path(run.state_dir) / site / "ledger.jsonl").charges()
-        assert charge["released"] == "weights"
+        # the four SecAgg+ stages, in order, once for round 0's release and once for round 1: no plain weights
+        assert [set(m["configs"].get(RECORD_KEY_CONFIGS, {})) for m in fits] == SECAGG_STAGES * 2
+        for stages, sent_shapes in ((fits[:4], [release_shape(run)]), (fits[4:], shapes)):
+            for m in stages[:2] + stages[3:]:
+                assert m["arrays"] == {} and m["metrics"] == {} and list(m["configs"]) == [RECORD_KEY_CONFIGS]
+            fit = stages[2]  # the fit reply itself, its arrays replaced by the masked vectors
+            assert fit["arrays"] == {"fitres.parameters": []} and fit["array_values"] == {}
+            check_fit_metrics(fit)
+            masked = [bytes_to_ndarray(bytes.fromhex(b["bytes"]))
+                      for b in fit["configs"][RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+            # SecAgg+ puts its weight factor first, then one masked integer vector per array
+            assert [a.shape for a in masked] == [(1,), *sent_shapes]
+            assert sum(a.size for a in masked) == sum(int(np.prod(s)) for s in sent_shapes) + 1
+            assert all(a.dtype.kind in "iu" for a in masked)
+            check_nothing_image_like(fit, run, {f"masked/{i}": a for i, a in enumerate(masked)})
+        charges = Ledger(Path(run.state_dir) / site / "ledger.jsonl").charges()
+        assert [(c["round"], c["released"]) for c in charges] == [(0, "class-means"), (1, "weights")]
     for m in messages:
         if m["type"] == "evaluate":
             check_nothing_image_like(m, run)

@@ -1,5 +1,6 @@
 """Kill a real simulation (SIGKILL, whole process tree: server, Ray, sites) after round 1, resume it, and compare
-with an uninterrupted run of the same seed and settings (2 sites, 2 rounds, SecAgg+).
+with an uninterrupted run of the same seed and settings (2 sites, the class-mean release of round 0, 2 rounds,
+SecAgg+).
 
 What must match exactly: the rounds (3, each with both sites), each site's charges as (round, steps, σ, q,
 ε after) — none lost, none doubled, one plan per site with the same σ.
@@ -72,13 +73,13 @@ def plans(run, site):
 
 @pytest.fixture(scope="module")
 def reference(make_run):
-    run = make_run("resume-ref", run_id="r", rounds=2, secure=True)
+    run = make_run("resume-ref", run_id="r", rounds=2, secure=True, class_mean_share=0.2)
     return run, simulate(run, reports=False)
 
 
 @pytest.fixture(scope="module")
 def resumed(make_run):
-    run = make_run("resume-kill", run_id="r", rounds=2, secure=True)
+    run = make_run("resume-kill", run_id="r", rounds=2, secure=True, class_mean_share=0.2)
     settings = {k: v for k, v in json.loads(run.to_json()).items()}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(Path(run.out_dir).parent / "killed.log", "w")
@@ -123,9 +124,9 @@ def test_resumed_run_has_the_same_rounds(reference, resumed):
     (_, ref_dir), (_, run_dir, killed_at) = reference, resumed
     ref = json.loads((ref_dir / "metrics.json").read_text())
     got = json.loads((run_dir / "metrics.json").read_text())
-    assert [(r["round"], r.get("sites")) for r in got["rounds"] if r["round"] >= 1] == \
-        [(r["round"], r.get("sites")) for r in ref["rounds"] if r["round"] >= 1] == \
-        [(k, SITES) for k in (1, 2)], killed_at
+    assert [(r["round"], r.get("sites")) for r in got["rounds"]] == \
+        [(r["round"], r.get("sites")) for r in ref["rounds"]] == [(k, SITES) for k in (0, 1, 2)], killed_at
+    assert got["rounds"][0]["phase"] == "class-means"
     assert got["charged-not-used"] == {} and got["stop-reason"] is None
 
 
@@ -133,7 +134,7 @@ def test_resumed_ledgers_match_the_uninterrupted_run(reference, resumed):
     (ref_run, _), (run, _, killed_at) = reference, resumed
     for site in SITES:
         assert summary(run, site) == summary(ref_run, site), (site, killed_at)
-        assert [c["round"] for c in charges(run, site)] == [1, 2]  # none lost, none doubled
+        assert [c["round"] for c in charges(run, site)] == [0, 1, 2]  # none lost, none doubled, one release
         assert len(plans(run, site)) == 1 and plans(run, site)[0]["sigma"] == plans(ref_run, site)[0]["sigma"]
         assert Ledger(Path(run.state_dir) / site / "ledger.jsonl").verify()["ok"]
     privacy = json.loads((run.run_dir / "privacy.json").read_text())
