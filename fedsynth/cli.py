@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a killed run from its last complete checkpoint, with its own config.json "
                         "(the other flags are ignored); no round is charged twice at any site")
+    s.add_argument("--no-report", action="store_true",
+                   help="skip the class agreement and the release report at the end (run `fedsynth evaluate "
+                        "RUN_DIR` later)")
 
     g = sub.add_parser("generate", help="sample synthetic images from a finished run")
     g.add_argument("run_dir", help="a run folder (holds weights.safetensors and config.json)")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_simulate(args) -> int:
     from simulations.runner import resume_simulation, simulate
     if args.resume:
-        run_dir = resume_simulation(Path(args.resume))
+        run_dir = resume_simulation(Path(args.resume), reports=not args.no_report)
         print((run_dir / "summary.txt").read_text())
         print(f"results: {run_dir}")
         return _canary_verdict(run_dir)
@@ -235,7 +238,7 @@ def cmd_simulate(args) -> int:
                     fraction=args.fraction, dropout=args.dropout, straggler=args.straggler,
                     round_timeout=args.round_timeout, max_update_norm=args.max_update_norm)
     names = ["normal", "pneumonia"] if not args.data else None
-    run_dir = simulate(run, names)
+    run_dir = simulate(run, names, reports=not args.no_report)
     print((run_dir / "summary.txt").read_text())
     print(f"results: {run_dir}")
     return _canary_verdict(run_dir)

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .accountant import calibrate_sigma, epsilon as accounted_epsilon
-
 CENTER = 0.5  # public centre of pixel values in [0, 1]
 # Clip norm per √d: an image whose pixels deviate from mid-grey by RMS 0.2 is not clipped. Fixed after looking
 # at the bundled (public stand-in) training split: the 75th percentile of ‖x − 0.5‖ is 0.20·√d at half
@@ -50,6 +48,9 @@ def default_clip(dim: int) -> float:
 @functools.lru_cache(maxsize=64)  # a pure function of its arguments, and each PRV bisection takes ~0.3 s
 def noise_multiplier(target_epsilon: float, delta: float, accountant: str = "prv") -> float:
     """σ for a sensitivity-1 Gaussian release: one step at sample rate 1."""
+    # Opacus is imported here, not at the top: the ServerApp imports this module, and importing Opacus calls
+    # logging.basicConfig, which hides the ServerApp's own progress lines under `flwr run` (server_app.py).
+    from .accountant import calibrate_sigma
     with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 − q) at q = 1 is −inf, harmless
         warnings.simplefilter("ignore", RuntimeWarning)
         return calibrate_sigma(target_epsilon, delta, sample_rate=1.0, steps=1, accountant=accountant)
@@ -57,6 +58,7 @@ def noise_multiplier(target_epsilon: float, delta: float, accountant: str = "prv
 
 @functools.lru_cache(maxsize=64)
 def release_epsilon(sigma: float, delta: float, accountant: str = "prv") -> float:
+    from .accountant import epsilon as accounted_epsilon
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         return accounted_epsilon([(sigma, 1.0, 1)], delta, accountant)

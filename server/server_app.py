@@ -186,7 +186,8 @@ def make_server_app(run: RunConfig | None = None, class_names: list[str] | None 
 def _log_progress() -> None:
     """Under ``flwr run`` the ServerApp is its own process (flwr-serverapp) whose stdout/stderr Flower streams to
     ``flwr run --stream`` / ``flwr log``: give the round lines a handler there. Where logging is set up already
-    (the fedsynth CLI, pytest), leave it alone."""
+    (the fedsynth CLI, pytest), leave it alone. Keep Opacus out of the ServerApp's imports: importing it calls
+    ``logging.basicConfig`` (a root handler at WARNING), after which these INFO lines would silently vanish."""
     fed = logging.getLogger("fedsynth")
     if not fed.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()

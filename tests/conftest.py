@@ -116,3 +116,13 @@ def _run_tiny_family(make_run, family: str):
     for site in ("site-0", "site-1"):
         assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
     return run, run_dir, privacy
+
+
+@pytest.fixture(scope="session")
+def secure_reference_run(make_run):
+    """One uninterrupted 2-site SecAgg+ federation with the class-mean release (round 0) and 2 rounds, no
+    reports: the reference of tests/test_resume.py and the federation of tests/test_class_means.py."""
+    from simulations.runner import simulate
+
+    run = make_run("resume-ref", run_id="r", rounds=2, secure=True, class_mean_share=0.2)
+    return run, simulate(run, reports=False)

@@ -22,7 +22,7 @@ from privacy.class_means import (COUNT_SHARE, default_clip, from_wire, means_of,
 from privacy.ledger import Ledger, weights_sha256
 from privacy.policy import SitePolicy
 from server.checkpoint import load_weights
-from simulations.runner import prepare_sites, simulate
+from simulations.runner import prepare_sites
 
 DELTA = 1e-5
 
@@ -189,12 +189,11 @@ def test_each_family_starts_its_classes_from_the_means(family, data):
         model.set_class_means(torch.zeros(2, 1, 28, 28))
 
 
-def test_secure_federation_sets_the_summed_release_as_the_prior(make_run):
-    """Round 0 through the real Simulation Engine with SecAgg+: each ledger holds one release (q = 1, one step)
-    that the audit recomputes; the global model round 1 starts from holds the means of the sum of the two sites'
-    releases (recomputed here from each site's data and its ledger's σ)."""
-    run = make_run("cm-fed", rounds=1, secure=True, class_mean_share=0.2)
-    run_dir = simulate(run, reports=False)
+def test_secure_federation_sets_the_summed_release_as_the_prior(secure_reference_run):
+    """Round 0 through the real Simulation Engine with SecAgg+ (2 sites, then 2 rounds): each ledger holds one
+    release (q = 1, one step) that the audit recomputes; the global model round 1 starts from holds the means of
+    the sum of the two sites' releases (recomputed here from each site's data and its ledger's σ)."""
+    run, run_dir = secure_reference_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     round0 = metrics["rounds"][0]
     assert (round0["round"], round0["phase"], round0["sites"]) == (0, "class-means", ["site-0", "site-1"])
@@ -202,7 +201,8 @@ def test_secure_federation_sets_the_summed_release_as_the_prior(make_run):
     for name in ("site-0", "site-1"):
         ledger = Ledger(Path(run.state_dir) / name / "ledger.jsonl")
         charges = ledger.charges()
-        assert [(c["round"], c["released"]) for c in charges] == [(0, "class-means"), (1, "weights")]
+        assert [(c["round"], c["released"]) for c in charges] == [(0, "class-means"), (1, "weights"),
+                                                                   (2, "weights")]
         train = load_dataset(Path(run.state_dir) / name / "data.npz", "train")
         r = release(train.images, train.labels, 2, charges[0]["sigma"], 2,
                     rng=np.random.default_rng(run.seed * 100_003 + hash_name(name)))
@@ -215,7 +215,7 @@ def test_secure_federation_sets_the_summed_release_as_the_prior(make_run):
     np.testing.assert_allclose(1 / (1 + np.exp(-prior.T)), expected, atol=1e-3)  # SecAgg+ quantization only
     assert "class means: released once before round 1 by site-0, site-1" in (run_dir / "summary.txt").read_text()
     privacy = json.loads((run_dir / "privacy.json").read_text())
-    assert privacy["site-0"]["rounds"] == 1 and privacy["site-0"]["class-mean-releases"] == 1
+    assert privacy["site-0"]["rounds"] == 2 and privacy["site-0"]["class-mean-releases"] == 1
 
 
 def epsilon_without_release(charges, delta) -> float:

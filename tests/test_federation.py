@@ -304,7 +304,7 @@ def test_secure_and_plain_aggregation_agree(first, plain):
 # --- 5. CLI contract ------------------------------------------------------------------------------------
 HELP_FLAGS = {
     "simulate": ["--model", "--sites", "--rounds", "--epsilon", "--delta", "--partition", "--secure",
-                 "--no-secure", "--data", "--state-dir", "--out", "--seed"],
+                 "--no-secure", "--data", "--state-dir", "--out", "--seed", "--class-mean-share", "--no-report"],
     "generate": ["--n", "--label", "--out"],
     "audit": ["--json"],
 }
@@ -323,6 +323,7 @@ def test_cli_help_names_every_flag(command):
     (["--partition", "dirichlet:-1"], ["--partition", "dirichlet", "alpha"]),
     (["--partition", "zipf:2"], ["--partition", "zipf"]),
     (["--sites", "0"], ["sites"]),
+    (["--class-mean-share", "1.5"], ["class-mean-share", "[0, 1)"]),
 ])
 def test_cli_bad_flag_value_exits_nonzero_naming_it(args, words, tmp_path):
     proc = subprocess.run([str(FEDSYNTH), "simulate", *args, "--state-dir", str(tmp_path / "s"),

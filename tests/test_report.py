@@ -64,7 +64,7 @@ def test_simulation_writes_the_release_report(tiny_run):
     assert f["fid"]["value"] > f["real-floor"]["fid"]["value"]  # one round of DP training is far from real
 
     u = report["utility"]
-    assert u["recipe"]["epochs"] == 3 and u["tstr"]["n-train"] == u["trtr"]["n-train"] == 600
+    assert (u["recipe"]["epochs"], u["recipe"]["centred"]) == (5, True) and u["tstr"]["n-train"] == u["trtr"]["n-train"] == 600
     assert u["trtr"]["auc"]["value"] > 0.7  # a real-data classifier does learn on these 600 images
     assert u["recipe"]["seeds"] == 3
     for row in ("tstr", "trtr", "noise-control"):  # each figure: the mean over the same 3 classifier seeds

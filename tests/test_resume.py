@@ -28,7 +28,6 @@ import pytest
 
 from privacy.ledger import Ledger
 from server.checkpoint import load_weights
-from simulations.runner import simulate
 
 SITES = ["site-0", "site-1"]
 DRIVER = """
@@ -72,9 +71,8 @@ def plans(run, site):
 
 
 @pytest.fixture(scope="module")
-def reference(make_run):
-    run = make_run("resume-ref", run_id="r", rounds=2, secure=True, class_mean_share=0.2)
-    return run, simulate(run, reports=False)
+def reference(secure_reference_run):
+    return secure_reference_run
 
 
 @pytest.fixture(scope="module")
