@@ -144,10 +144,9 @@ def test_three_hospitals_two_secure_rounds_over_tls(deployment):
     assert "round 2/2 done" in log and "SuperLink stopped" in log  # the ServerApp's own lines, streamed
     assert metrics["rounds"][0]["phase"] == "class-means" and metrics["rounds"][0]["sites"] == list(HOSPITALS)
     for h in HOSPITALS:  # Flower's secaggplus_mod at each node: a masked vector left once per round, round 0 too,
-        # and once more for a round-2 update re-sent to the resumed server (charged once: below)
-        node_log = deployment.logs[h].read_text()
-        resent = node_log.count("re-sending the update already charged")
-        assert resent <= 1 and node_log.count("uploading masked parameters") == 3 + resent, h
+        # and once more where a round-2 update charged before the kill was re-sent to the resumed server (the
+        # ClientApp's own lines don't reach the node's log to say which; each round is charged once: below)
+        assert deployment.logs[h].read_text().count("uploading masked parameters") in (3, 4), h
     privacy = json.loads((run_dir / "privacy.json").read_text())
     for h in HOSPITALS:
         ledger = [json.loads(line) for line in (deployment.state / h / "ledger.jsonl").read_text().splitlines()]
