@@ -50,13 +50,17 @@ def private_run(family: str, share: float, eps: float, seed: int, args, out: Pat
            "--class-mean-share", str(share), "--sites", str(args.sites), "--partition", args.partition,
            "--seed", str(seed), "--state-dir", str(out / run_id / "state"), "--out", str(out / run_id / "runs"),
            "--run-id", run_id]
+    report_path, wall_path = out / run_id / "runs" / run_id / "report.json", out / run_id / "wall.txt"
+    if report_path.exists() and wall_path.exists():  # a finished run of an interrupted table: reuse it
+        print(f"  reusing {report_path}", flush=True)
+        return figures(json.loads(report_path.read_text()), float(wall_path.read_text()))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     with open(out / f"{run_id}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    report = json.loads((out / run_id / "runs" / run_id / "report.json").read_text())
-    return figures(report, wall)
+    wall_path.write_text(f"{wall:.1f}\n")
+    return figures(json.loads(report_path.read_text()), wall)
 
 
 def non_private_run(family: str, seed: int, out: Path, like: Path) -> dict:
