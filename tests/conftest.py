@@ -95,8 +95,8 @@ def run_tiny_family(make_run):
 
 
 def _run_tiny_family(make_run, family: str):
-    """A 2-site, 1-round SecAgg+ federation of ``family`` with its own learning rates; checks what every
-    family's run folder must hold and returns (run, run_dir, privacy)."""
+    """A 2-site, 1-round SecAgg+ federation of ``family`` with its own learning rates, no reports; checks what
+    every family's run folder must hold and returns (run, run_dir, privacy)."""
     import json
 
     from models import FAMILIES
@@ -104,8 +104,8 @@ def _run_tiny_family(make_run, family: str):
 
     lr, lr_final = FAMILIES[family].default_lr
     run = make_run(f"{family}-fed", model=family, rounds=1, secure=True, lr=lr, lr_final=lr_final)
-    run_dir = simulate(run)
-    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt", "agreement.json",
+    run_dir = simulate(run, reports=False)  # the reports are the same code for every family (tests/test_report.py)
+    for name in ("weights.safetensors", "samples.png", "privacy.json", "summary.txt",
                  "checkpoints/round-001.safetensors"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "config.json").read_text())["model"] == family
@@ -116,6 +116,17 @@ def _run_tiny_family(make_run, family: str):
     for site in ("site-0", "site-1"):
         assert 0 < privacy[site]["epsilon"] <= run.epsilon + 1e-9
     return run, run_dir, privacy
+
+
+@pytest.fixture(scope="session")
+def first_run(make_run):
+    """The suite's one end-to-end federation with every report: SecAgg+ on, budget ε=3, fresh state, 2 rounds,
+    then the class agreement and the release report. tests/test_federation.py checks its run folder and
+    ledgers (and copies its state to run again on top of it); tests/test_report.py checks its report."""
+    from simulations.runner import simulate
+
+    run = make_run("first", secure=True, epsilon=3.0)
+    return run, simulate(run)  # returns normally; every file of the run folder must be there
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,14 @@
 """Whole federations through the real stack: Flower's Simulation Engine (Ray), Opacus DP-SGD, SecAgg+.
 
-Five tiny simulations (2 sites, 2 rounds of 2 DP steps on 600 images) serve every test here:
+Four tiny simulations (2 sites, 2 rounds of 2 DP steps on 600 images) serve every test here:
 
-- ``first``: SecAgg+ on, budget ε=3, fresh state           -> end-to-end run folder and privacy bookkeeping;
+- ``first``: SecAgg+ on, budget ε=3, fresh state, with the   -> end-to-end run folder and privacy bookkeeping
+  reports (tests/conftest.py; its report: tests/test_report.py);
 - ``second``: budget ε=6 on a copy of ``first``'s state      -> ε composes across runs;
 - ``refused``: budget ε=3 on another copy, through the CLI -> every site refuses, the run ends cleanly;
-- ``plain``: SecAgg+ off, fresh state, same seed and data   -> same global weights as ``first``;
 - ``partial``: δ between the sites' 1/N, SecAgg+ off        -> one site refuses, the other trains alone.
+
+SecAgg+ on and off giving the same global weights: tests/test_outgoing.py (its two federations).
 """
 from __future__ import annotations
 
@@ -70,10 +72,8 @@ def pld_epsilon(history, delta) -> float:
 
 # --- the runs -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def first(make_run):
-    run = make_run("first", secure=True, epsilon=3.0)
-    run_dir = simulate(run)  # returns normally; every file below must be there
-    return run, run_dir
+def first(first_run):
+    return first_run  # tests/conftest.py: shared with tests/test_report.py
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +81,7 @@ def second(first, make_run, copy_state):
     run1, _ = first
     state = copy_state(run1.state_dir, "second-state")  # the first run's ledgers, left intact for other tests
     run = make_run("second", state_dir=state, secure=True, epsilon=6.0)
-    return run, simulate(run)
-
-
-@pytest.fixture(scope="module")
-def plain(first, make_run):
-    run1, _ = first
-    run = make_run("plain", secure=False, epsilon=run1.epsilon)
-    return run, simulate(run)
+    return run, simulate(run, reports=False)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +252,7 @@ def test_site_that_cannot_meet_delta_refuses_and_the_other_trains(make_run):
     small, big = int(np.argmin(sizes)), int(np.argmax(sizes))
     assert sizes[small] < sizes[big]
     run = base.replace(delta=math.sqrt(1 / sizes[small] * 1 / sizes[big]))
-    run_dir = simulate(run)  # no exception
+    run_dir = simulate(run, reports=False)  # no exception
     state = Path(run.state_dir)
     refuser, trainer = f"site-{big}", f"site-{small}"
 
@@ -282,26 +275,7 @@ def test_site_that_cannot_meet_delta_refuses_and_the_other_trains(make_run):
     assert max_abs_diff(weights, initial_weights(run)) > 1e-3
 
 
-# --- 4. SecAgg+ changes who sees what, not the result ---------------------------------------------------
-def test_secure_and_plain_aggregation_agree(first, plain):
-    run_s, dir_s = first
-    run_p, dir_p = plain
-    assert read_json(dir_s / "config.json")["secure"] is True and read_json(dir_p / "config.json")["secure"] is False
-    assert "secure aggregation off" in (dir_p / "summary.txt").read_text()
-    for name in ("checkpoints/round-001.safetensors", "weights.safetensors"):
-        secure, clear = load_weights(dir_s / name), load_weights(dir_p / name)
-        assert all(v.dtype == np.float32 for v in [*secure.values(), *clear.values()])
-        assert max_abs_diff(secure, clear) <= 1e-4, name
-    initial = initial_weights(run_s)
-    assert max_abs_diff(initial, initial_weights(run_p)) == 0.0
-    assert max_abs_diff(load_weights(dir_s / "weights.safetensors"), initial) > 1e-3
-    # same steps, same σ, so the same spend
-    for site in SITES:
-        assert math.isclose(read_json(dir_s / "privacy.json")[site]["epsilon"],
-                            read_json(dir_p / "privacy.json")[site]["epsilon"], rel_tol=1e-9)
-
-
-# --- 5. CLI contract ------------------------------------------------------------------------------------
+# --- 4. CLI contract ------------------------------------------------------------------------------------
 HELP_FLAGS = {
     "simulate": ["--model", "--sites", "--rounds", "--epsilon", "--delta", "--partition", "--secure",
                  "--no-secure", "--data", "--state-dir", "--out", "--seed", "--class-mean-share", "--no-report"],

@@ -201,3 +201,32 @@ def test_secagg_sends_only_masked_vectors_of_the_shared_weights(federations):
         if m["type"] == "evaluate":
             check_nothing_image_like(m, run)
             check_roll_call(m)
+
+
+def test_secure_aggregate_is_the_mean_of_what_the_sites_charged(federations):
+    """SecAgg+ changes who sees what, not the result: with it on, the global model of round 1 is the plain mean
+    of the two sites' round-1 updates — each the very update its ledger charged, kept in its outbox
+    (client/outbox.py) — up to SecAgg+'s quantization; with it off, exactly that mean. (Round 0's prior from
+    the summed releases: tests/test_class_means.py.)"""
+    from client.outbox import load_update, outbox_path
+    from server.checkpoint import load_weights
+
+    for secure, tolerance in ((True, 1e-4), (False, 1e-6)):
+        run, _ = federations[secure]
+        assert json.loads((run.run_dir / "config.json").read_text())["secure"] is secure
+        assert ("on (SecAgg+)" if secure else "secure aggregation off") in (run.run_dir / "summary.txt").read_text()
+        names = list(build_generator(run.model, **run.model_kwargs()).shared_weights())
+        updates = []
+        for site in SITES:
+            ledger = Path(run.state_dir) / site / "ledger.jsonl"
+            arrays, meta = load_update(outbox_path(ledger, run.run_id, 1))
+            (charge,) = [c for c in Ledger(ledger).charges() if c["round"] == 1]
+            assert charge["weights_sha256"] == meta["weights_sha256"] == weights_sha256(arrays)
+            updates.append(dict(zip(names, arrays, strict=True)))
+        global_1 = load_weights(run.run_dir / "checkpoints" / "round-001.safetensors")
+        assert sorted(global_1) == sorted(names) and all(v.dtype == np.float32 for v in global_1.values())
+        error = max(float(np.abs(global_1[k].astype(np.float64) - (updates[0][k].astype(np.float64) +
+                                                                     updates[1][k]) / 2).max()) for k in names)
+        assert error <= tolerance, (secure, error)
+        spread = max(float(np.abs(updates[0][k] - updates[1][k]).max()) for k in names)
+        assert spread > 100 * tolerance  # the sites' updates differ: the mean is a real test

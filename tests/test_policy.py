@@ -163,7 +163,7 @@ def test_federation_reports_a_policy_refusal(make_run, capsys):
     prepare_sites(run)
     state = Path(run.state_dir)
     (state / "site-1" / "policy.json").write_text(json.dumps({"allowed-models": ["gan"]}))
-    run_dir = simulate(run)
+    run_dir = simulate(run, reports=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stop-reason"] is None
     assert [r["sites"] for r in metrics["rounds"] if "sites" in r] == [["site-0"]]
