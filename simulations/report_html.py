@@ -64,7 +64,8 @@ def over_rounds(rounds: list[dict], privacy: dict, agreement: dict[str, float]):
         ax2.plot([int(x) for x in xs], [agreement[x] for x in xs], c="k", marker="s", ms=3, label="agreement")
         ax2.set_ylim(0, 1.02), ax2.set_ylabel("class agreement of samples")
         ax2.legend(loc="lower right", fontsize=7)
-    ax.legend(loc="upper left", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a non-private run has no ε over rounds to label
+        ax.legend(loc="upper left", fontsize=7)
     ax.set_title("privacy spent per site and class agreement over rounds", fontsize=9)
     fig.tight_layout()
     return fig
