@@ -43,18 +43,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
     train = load_dataset(DEFAULT_DATA, "train")
+    per_seed = {}  # seed -> (the sites, the pooled holdout vectors and labels, the exact means): one per seed
+    for seed in args.seeds:
+        parts = partition_sites(train.labels, SITES, PARTITION, seed)
+        sites = [train.subset(s.train) for s in parts]
+        holdout = train.subset(np.concatenate([s.holdout for s in parts]))
+        exact = [release(s.images, s.labels, 2, 0.0, COARSE) for s in sites]
+        per_seed[seed] = (sites, pooled_vectors(holdout.images, COARSE), holdout.labels,
+                          means_of(sum(r.sums for r in exact), sum(r.counts for r in exact)))
     for release_eps, what in ((0.3, "share 0.3 of ε = 1"), (0.95, "share 0.95 of ε = 1"), (3.0, "share 0.3 of ε = 10")):
         sigma = noise_multiplier(release_eps, DELTA)
-        for seed in args.seeds:
-            parts = partition_sites(train.labels, SITES, PARTITION, seed)
-            sites = [train.subset(s.train) for s in parts]
-            holdout = train.subset(np.concatenate([s.holdout for s in parts]))
-            x = pooled_vectors(holdout.images, COARSE)
+        for seed, (sites, x, y, m_exact) in per_seed.items():
             noisy = [release(s.images, s.labels, 2, sigma, COARSE, rng=np.random.default_rng(seed * 100 + i))
                      for i, s in enumerate(sites)]
-            exact = [release(s.images, s.labels, 2, 0.0, COARSE) for s in sites]
             sums, counts = sum(r.sums for r in noisy), sum(r.counts for r in noisy)
-            m_exact = means_of(sum(r.sums for r in exact), sum(r.counts for r in exact))
             m_noisy = means_of(sums, counts)
             var = np.array([sum(r.noise_variance["sums"] for r in noisy) / max(c, 1.0) ** 2 for c in counts])
             side = int(round(np.sqrt(m_noisy.shape[1])))
@@ -62,10 +64,8 @@ def main() -> None:
             row = []
             for name, m in (("exact", m_exact), ("noisy", m_noisy), ("Wiener", m_wiener)):
                 score = (x - (m[0] + m[1]) / 2) @ (m[1] - m[0])
-                row.append(f"{name}: error {np.linalg.norm(m - m_exact):.3f}, holdout AUC "
-                           f"{auc(score, holdout.labels == 1):.3f}")
+                row.append(f"{name}: error {np.linalg.norm(m - m_exact):.3f}, holdout AUC {auc(score, y == 1):.3f}")
             print(f"{what} (σ = {sigma:.2f}), seed {seed}: " + "; ".join(row), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -224,7 +224,6 @@ def epsilon_without_release(charges, delta) -> float:
     return prv.get_epsilon(delta=delta)
 
 
-
 def test_wiener_filter_of_the_prior_benchmark_keeps_a_clean_image_and_removes_white_noise():
     """simulations/bench_prior_noise.py: with no noise the filter is the identity; on a smooth image plus white
     noise of the stated variance it brings the image closer to the clean one."""
