@@ -120,7 +120,8 @@ class ConditionalDiffusion(Generator):
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28, unet_width: int = 8,
                  noise_multiplicity: int = 4, sampler_steps: int = 10, guidance: float = 3.0,
-                 p_uncond: float = 0.1, ema_decay: float = 0.99, coarse: int = 2, prediction: str = "x0"):
+                 p_uncond: float = 0.1, ema_decay: float = 0.99, coarse: int = 2, prediction: str = "x0",
+                 eta: float = 0.0, skip: float = 0.0):
         super().__init__(num_classes, channels, resolution)
         if resolution % (4 if coarse == 1 else 2 * coarse):
             raise ValueError(f"diffusion: resolution {resolution} must be a multiple of {4 if coarse == 1 else 2 * coarse}")
@@ -128,8 +129,13 @@ class ConditionalDiffusion(Generator):
             raise ValueError(f"diffusion: prediction must be 'x0' or 'eps', got {prediction!r}")
         if noise_multiplicity < 1 or sampler_steps < 1:
             raise ValueError("diffusion: noise-multiplicity and sampler-steps must be ≥ 1")
+        if skip < 0 or (skip > 0 and prediction != "x0"):
+            raise ValueError(f"diffusion: skip (σ_data) must be ≥ 0 and needs x0-prediction, got {skip}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"diffusion: eta must lie in [0, 1], got {eta}")
         self.k, self.sampler_steps, self.guidance = noise_multiplicity, sampler_steps, guidance
         self.p_uncond, self.ema_decay, self.coarse, self.prediction = p_uncond, ema_decay, coarse, prediction
+        self.eta, self.skip = eta, skip
         self.net = (UNet(num_classes, channels, unet_width, emb=64) if coarse == 1 else
                     UNet(num_classes, channels, unet_width, resolution // coarse))
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
@@ -155,7 +161,7 @@ class ConditionalDiffusion(Generator):
         optimizer.zero_grad(set_to_none=True)
         xt, t, labels, noise = self.corrupt(x, y, self.k)
         target = self.clean(x, self.k) if self.prediction == "x0" else noise
-        loss = (private(xt, t, labels) - target).pow(2).mean()  # "mean" over B·K rows, see module doc
+        loss = (self.x0_of(private(xt, t, labels), xt, t) - target).pow(2).mean()  # "mean" over B·K rows
         loss.backward()
         average_copies(private, self.k)  # before the step: one clipped row per image
         optimizer.step()
@@ -163,6 +169,18 @@ class ConditionalDiffusion(Generator):
             for e, p in zip(self.ema.parameters(), self.net.parameters()):
                 e.lerp_(p, 1 - self.ema_decay)
         return {"loss": float(loss.detach())}
+
+    def x0_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0-prediction from the net's output. With ``skip`` = σ_data > 0, a blend with the noisy input
+        (EDM's c_skip, Karras et al. 2022): c·x_t + (1 − c·√ᾱ)·out, c = √ᾱ σ² / (ᾱ σ² + 1 − ᾱ), the best linear
+        denoiser for data of spread σ around ``out``. Near t = 0 it passes x_t through (the net need not learn
+        the identity, which a DP-noised net does not), so samples keep the variation of the noise they started
+        from instead of all landing on the class image; at t = 1 it is the net's output."""
+        if not self.skip:
+            return out
+        a = alpha_bar(t if t.dim() == 0 else t[:, None, None, None])
+        c = a.sqrt() * self.skip ** 2 / (a * self.skip ** 2 + 1 - a)
+        return c * x + (1 - c * a.sqrt()) * out
 
     @torch.no_grad()
     def set_class_means(self, means):
@@ -181,34 +199,40 @@ class ConditionalDiffusion(Generator):
         """Per-image prediction error (the training loss) of the EMA model, averaged over K noise draws."""
         xt, t, labels, noise = self.corrupt(x, y, self.k)
         target = self.clean(x, self.k) if self.prediction == "x0" else noise
-        err = (self.ema(xt, t, y.long().repeat_interleave(self.k, 0)) - target).pow(2).flatten(1).mean(1)
+        out = self.x0_of(self.ema(xt, t, y.long().repeat_interleave(self.k, 0)), xt, t)
+        err = (out - target).pow(2).flatten(1).mean(1)
         return err.view(-1, self.k).mean(1)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, steps: int | None = None):
-        """Deterministic DDIM (η = 0) with classifier-free guidance, from pure noise at t = 1."""
+        """DDIM with classifier-free guidance from pure noise at t = 1: deterministic at ``eta`` = 0, with
+        fresh noise at every step (DDPM-like ancestral sampling at ``eta`` = 1) otherwise."""
         labels = self.uniform_labels(n, generator) if labels is None else labels.long()
-        side = self.resolution // self.coarse
+        steps, side = steps or self.sampler_steps, self.resolution // self.coarse
         x = torch.randn(n, self.channels, side, side, generator=generator)
+        # drawn up front for the whole batch, so that the chunking below does not change the images
+        fresh = torch.randn(steps, *x.shape, generator=generator) if self.eta > 0 else torch.zeros(steps, n, 1, 1, 1)
         # in chunks: small activations stay in cache (≈2x faster on CPU); same images for any chunk size
-        out = torch.cat([self._ddim(xc, yc, steps or self.sampler_steps)
-                         for xc, yc in zip(x.split(128), labels.split(128))])
+        out = torch.cat([self._ddim(xc, yc, steps, zc) for xc, yc, zc in
+                         zip(x.split(128), labels.split(128), fresh.split(128, dim=1))])
         if self.coarse > 1:
             out = F.interpolate(out, scale_factor=self.coarse, mode="bilinear", align_corners=False).clamp(0, 1)
         return out
 
-    def _ddim(self, x, labels, steps: int):
+    def _ddim(self, x, labels, steps: int, fresh: torch.Tensor):
         n, net, g = len(x), self.ema, self.guidance
         both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         ts = torch.linspace(1, 0, steps + 1)
-        for t, t_next in zip(ts[:-1], ts[1:]):
+        for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             if g == 1:
                 out = net(x, t.expand(n), labels)
             else:
                 cond, uncond = net(x.repeat(2, 1, 1, 1), t.expand(2 * n), both).chunk(2)
                 out = uncond + g * (cond - uncond)
             a, a_next = alpha_bar(t), alpha_bar(t_next) if t_next > 0 else torch.tensor(1.0)
-            x0 = (out if self.prediction == "x0" else (x - (1 - a).sqrt() * out) / a.sqrt()).clamp(-1, 1)
+            x0 = (self.x0_of(out, x, t) if self.prediction == "x0" else (x - (1 - a).sqrt() * out) / a.sqrt()).clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clamped x0
-            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+            # Song et al.'s σ_t(η): the share of the step's noise that is drawn afresh instead of carried
+            s = self.eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)).clamp(min=0).sqrt()
+            x = a_next.sqrt() * x0 + (1 - a_next - s ** 2).clamp(min=0).sqrt() * eps + s * fresh[i]
         return ((x + 1) / 2).clamp(0, 1)

@@ -69,12 +69,19 @@ class _D(nn.Module):
         return self.head(h).squeeze(1) + (self.embed(y) * h).sum(1)  # logit: real vs fake, given y
 
 
+def mode_seeking(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs (row i, row i + n/2) of mean |image difference| / mean |noise difference|."""
+    a, b = fake.flatten(1).chunk(2)
+    za, zb = z.chunk(2)
+    return ((a - b).abs().mean(1) / (za - zb).abs().mean(1).clamp(min=1e-5)).mean()
+
+
 class ConditionalGAN(Generator):
     family = "gan"
     default_lr = (2e-3, 2e-4)
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28, noise_dim: int = 32,
-                 g_width: int = 16, d_width: int = 16, n_critic: int = 1, coarse: int = 2):
+                 g_width: int = 16, d_width: int = 16, n_critic: int = 1, coarse: int = 2, diversity: float = 0.0):
         super().__init__(num_classes, channels, resolution)
         if resolution % 4:
             raise ValueError(f"gan: resolution must be a multiple of 4, got {resolution}")
@@ -82,7 +89,10 @@ class ConditionalGAN(Generator):
             raise ValueError(f"gan: coarse must be 1, 2 or 4, got {coarse}")
         if n_critic < 1:
             raise ValueError(f"gan: n-critic must be ≥ 1, got {n_critic}")
+        if not diversity >= 0:
+            raise ValueError(f"gan: diversity must be ≥ 0, got {diversity}")
         self.noise_dim, self.n_critic, self._d_steps, self.coarse = noise_dim, n_critic, 0, coarse
+        self.diversity = diversity
         self.generator = _G(num_classes, channels, resolution, noise_dim, g_width, coarse)
         self.discriminator = _D(num_classes, channels, resolution, d_width, coarse)
 
@@ -115,11 +125,22 @@ class ConditionalGAN(Generator):
         return float(loss.detach())
 
     def g_step(self, private, optimizer, public, n: int) -> float:
-        """One non-private step of G through D (non-saturating loss); leaves D's DP state untouched."""
+        """One non-private step of G through D (non-saturating loss); leaves D's DP state untouched.
+
+        With ``diversity`` > 0 the fakes come in pairs (one label, two noise draws) and G is also rewarded for
+        the pair's image distance per unit of noise distance — the mode-seeking term of MSGAN (Mao et al.,
+        2019) — against the collapse to one image per class that a weak (DP-noised) D does not punish. It
+        uses G's own outputs only: still post-processing of D."""
         public.zero_grad(set_to_none=True)
         with per_sample_grads_off(private, optimizer):
-            fake, fake_y = self.fake(n)
-            loss = F.softplus(-private(fake, fake_y)).mean()
+            if self.diversity > 0:
+                labels = self.uniform_labels(max(1, n // 2)).repeat(2)
+                z = torch.randn(len(labels), self.noise_dim)
+                fake = self.generator(z, labels)
+                loss = F.softplus(-private(fake, labels)).mean() - self.diversity * mode_seeking(fake, z)
+            else:
+                fake, fake_y = self.fake(n)
+                loss = F.softplus(-private(fake, fake_y)).mean()
             loss.backward()
             public.step()
         return float(loss.detach())

@@ -13,8 +13,8 @@ minus SecAgg+ (whose quantization error is ~1e-6). With a share > 0 each site fi
 (``Generator.set_class_means``). Every figure is computed on the sites' pooled local holdouts (20% of each
 site; the bundled set stands in for public data), never on the test split: TSTR AUC with the report's
 recipe (mean over its 3 classifier seeds), class agreement under the shipped classifier, FID / precision /
-recall in its features. ``--guidance`` (diffusion) evaluates the same trained model at several guidance
-scales (sampling only: post-processing); ``--save DIR`` keeps each trained model's weights.
+recall in its features. ``--guidance`` and ``--eta`` (diffusion) evaluate the same trained model at several
+guidance scales and sampler stochasticities (sampling only: post-processing); ``--save DIR`` keeps each trained model's weights.
 """
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ from .runner import reference_classifier
 SITES, PARTITION = 4, "dirichlet:0.5"
 
 
-def train_federated(family: str, eps: float, share: float, seed: int, sites, cfg: RunConfig):
+def train_federated(family: str, eps: float, share: float, seed: int, sites, cfg: RunConfig,
+                    model_kwargs: dict | None = None):
     """The family after ``cfg.rounds`` rounds of DP-SGD at every site (after the class-mean release when
     ``share`` > 0); returns (model, ε per site as accounted)."""
     torch.manual_seed(seed)
-    model = build_generator(family, **cfg.model_kwargs())
+    model = build_generator(family, **(cfg.model_kwargs() | (model_kwargs or {})))
     lr, lr_final = model.default_lr
     steps = steps_per_round(cfg.local_epochs, cfg.sample_rate)
     total = steps * cfg.rounds
@@ -81,6 +82,10 @@ def main() -> None:
     p.add_argument("--class-mean-share", type=float, nargs="+", default=[0.0, 0.3])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, nargs="+", default=None, help="diffusion: guidance scales to sample at")
+    p.add_argument("--eta", type=float, nargs="+", default=None,
+                   help="diffusion: sampler stochasticity η to sample at (0: deterministic DDIM)")
+    p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model keyword arguments over the defaults (numbers), e.g. diversity=1")
     p.add_argument("--n", type=int, default=2000, help="synthetic images per evaluation")
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
@@ -92,15 +97,18 @@ def main() -> None:
     val = train.subset(np.concatenate([s.holdout for s in parts]))
     classifier = reference_classifier(train, DEFAULT_DATA.parent)
     labels = M.balanced_labels(args.n, cfg.num_classes, args.seed)
+    extra = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.model)}
     for share in args.class_mean_share:
         t0 = time.time()
-        model, eps, sigma = train_federated(args.family, args.epsilon, share, args.seed, sites, cfg)
+        model, eps, sigma = train_federated(args.family, args.epsilon, share, args.seed, sites, cfg, extra)
         if args.save:
             save_weights(args.save / f"{args.family}-eps{args.epsilon:g}-share{share:g}-seed{args.seed}.safetensors",
                          model.shared_weights())
-        for g in args.guidance or [getattr(model, "guidance", math.nan)]:
+        settings = [(g, e) for g in args.guidance or [getattr(model, "guidance", math.nan)]
+                    for e in args.eta or [getattr(model, "eta", math.nan)]]
+        for g, eta in settings:
             if not math.isnan(g):
-                model.guidance = g
+                model.guidance, model.eta = g, eta
             syn = M.sample_images(model, labels, args.seed)
             tstr = M.train_and_test(syn, labels.numpy(), val.images, val.labels, cfg.num_classes, args.seed,
                                     n_boot=50)["auc"]["value"]
@@ -108,7 +116,7 @@ def main() -> None:
             agree = [float((pred[labels.numpy() == c] == c).mean()) for c in range(cfg.num_classes)]
             fid = fidelity(classifier, syn, val.images, args.seed)
             print(f"RESULT {args.family} ε={args.epsilon:g} (accounted {eps:.3f}, DP-SGD σ={sigma:.3f}) "
-                  f"class-mean-share={share:g} seed={args.seed}" + ("" if math.isnan(g) else f" guidance={g:g}") +
+                  f"class-mean-share={share:g} seed={args.seed}" + "".join(f" {kv}" for kv in args.model) + ("" if math.isnan(g) else f" guidance={g:g} η={eta:g}") +
                   f": val TSTR AUC {tstr:.3f}, agreement {' / '.join(f'{a:.0%}' for a in agree)}, FID {fid['fid']:.2f}, "
                   f"precision {fid['precision']:.3f}, recall {fid['recall']:.3f} [{time.time() - t0:.0f} s]", flush=True)
 

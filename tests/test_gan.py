@@ -28,9 +28,9 @@ def batch():
     return torch.from_numpy(data.images[idx]), torch.from_numpy(data.labels[idx])
 
 
-def make_gan(n_critic=1, sigma=SIGMA, clip=1.0, expected_batch_size=24):
+def make_gan(n_critic=1, sigma=SIGMA, clip=1.0, expected_batch_size=24, diversity=0.0):
     torch.manual_seed(0)
-    model = build_generator("gan", n_critic=n_critic)
+    model = build_generator("gan", n_critic=n_critic, diversity=diversity)
     private, optimizer, acc = dp_parts(model, sigma=sigma, clip=clip, sample_rate=Q,
                                        expected_batch_size=expected_batch_size, lr=1e-3)
     model.train()
@@ -49,9 +49,10 @@ def snapshot(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_d_step_is_one_accountant_step_and_g_step_leaves_no_dp_state(batch):
+@pytest.mark.parametrize("diversity", [0.0, 1.0])
+def test_d_step_is_one_accountant_step_and_g_step_leaves_no_dp_state(batch, diversity):
     x, y = batch
-    model, private, optimizer, acc, public = make_gan()
+    model, private, optimizer, acc, public = make_gan(diversity=diversity)
     model.d_step(private, optimizer, x, y)
     assert acc.history == [(SIGMA, Q, 1)]
     assert all(p.grad_sample is not None and p.grad_sample.shape[0] == len(x) for p in d_params(model))
@@ -68,6 +69,27 @@ def test_d_step_is_one_accountant_step_and_g_step_leaves_no_dp_state(batch):
 
     model.d_step(private, optimizer, x, y)  # the next D step works from a clean slate
     assert steps(acc) == 2 and all(p.grad_sample.shape[0] == len(x) for p in d_params(model))
+
+
+def test_mode_seeking_term_spreads_the_generator_apart_for_one_label():
+    """The diversity term does what it is for: with D held fixed, G steps with it raise the image distance
+    between two noise draws of one label, where G steps without it (same D, same start, same draws) don't as
+    much."""
+    def spread_after(diversity: float) -> float:
+        model, private, optimizer, acc, public = make_gan(diversity=diversity)
+        for p in public.param_groups:
+            p["lr"] = 1e-2
+        torch.manual_seed(1)
+        for _ in range(30):
+            model.g_step(private, optimizer, public, n=64)
+        assert acc.history == []  # G steps never charge the accountant
+        g = torch.Generator().manual_seed(2)
+        labels = torch.zeros(200, dtype=torch.long)
+        with torch.no_grad():
+            fake = model.generator(torch.randn(200, model.noise_dim, generator=g), labels)
+        return float(fake.flatten(1).std(0).mean())
+
+    assert spread_after(3.0) > 1.5 * spread_after(0.0)
 
 
 def test_without_disabling_hooks_the_g_step_would_leave_per_sample_grads(batch):
