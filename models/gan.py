@@ -133,14 +133,13 @@ class ConditionalGAN(Generator):
         uses G's own outputs only: still post-processing of D."""
         public.zero_grad(set_to_none=True)
         with per_sample_grads_off(private, optimizer):
-            if self.diversity > 0:
-                labels = self.uniform_labels(max(1, n // 2)).repeat(2)
-                z = torch.randn(len(labels), self.noise_dim)
-                fake = self.generator(z, labels)
-                loss = F.softplus(-private(fake, labels)).mean() - self.diversity * mode_seeking(fake, z)
-            else:
-                fake, fake_y = self.fake(n)
-                loss = F.softplus(-private(fake, fake_y)).mean()
+            # same draws, in the same order, as ``fake(n)`` when the term is off
+            labels = self.uniform_labels(max(1, n // 2)).repeat(2) if self.diversity else self.uniform_labels(n)
+            z = torch.randn(len(labels), self.noise_dim)
+            fake = self.generator(z, labels)
+            loss = F.softplus(-private(fake, labels)).mean()
+            if self.diversity:
+                loss = loss - self.diversity * mode_seeking(fake, z)
             loss.backward()
             public.step()
         return float(loss.detach())
