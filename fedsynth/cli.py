@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ", ".join(f"{k} {c.default_lr[0]:g}→{c.default_lr[1]:g}" for k, c in sorted(FAMILIES.items())) + ")")
     s.add_argument("--n-critic", type=int, default=D.n_critic,
                    help="gan: discriminator (DP) steps per generator step")
+    s.add_argument("--diversity", type=float, default=D.diversity,
+                   help="gan: weight of the mode-seeking term in the generator step (no real image, no ε); 0 = off")
     s.add_argument("--noise-multiplicity", type=int, default=D.noise_multiplicity,
                    help="diffusion: noise draws per image per DP step (together one privacy unit)")
     s.add_argument("--sampler-steps", type=int, default=D.sampler_steps, help="diffusion: DDIM sampling steps")
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Run-config flags `fedsynth server` shares with `simulate` (same actions, so help and defaults stay in step).
 SERVER_RUN_FLAGS = ("model", "rounds", "epsilon", "delta", "clip", "sample_rate", "local_epochs", "class_mean_share",
-                    "lr", "n_critic",
+                    "lr", "n_critic", "diversity",
                     "noise_multiplicity", "sampler_steps", "coarse", "secure", "secagg_deltas", "fraction", "round_timeout", "max_update_norm",
                     "out", "run_id", "seed")
 
@@ -230,7 +232,7 @@ def cmd_simulate(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites, epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    class_mean_share=args.class_mean_share, n_critic=args.n_critic,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity,
                     noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps,
                     partition=args.partition, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     data_path=args.data, state_dir=args.state_dir,
@@ -321,7 +323,7 @@ def cmd_server(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites or len(hospitals), epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    class_mean_share=args.class_mean_share, n_critic=args.n_critic,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity,
                     noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     fraction=args.fraction, round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
                     out_dir=args.out, seed=args.seed)

@@ -43,6 +43,9 @@ class RunConfig:
     channels: int = 1
     resolution: int = 28
     n_critic: int = 1  # gan: discriminator (DP) steps per generator step; a site's planned steps are D steps
+    # gan: weight of the mode-seeking term in the generator step (models/gan.py). It sees no real image, so it
+    # costs no ε; without it the private GAN collapses onto a few images per class (BENCHMARKS.md). 0 = off.
+    diversity: float = 1.0
     noise_multiplicity: int = 4  # diffusion: noise draws per image per DP step (together one privacy unit)
     sampler_steps: int = 10  # diffusion: DDIM steps per sample
     # Federation.
@@ -84,6 +87,7 @@ class RunConfig:
             (0 <= self.holdout_fraction < 1, "holdout-fraction", "a number in [0, 1)"),
             (self.resolution % 4 == 0, "resolution", "a multiple of 4"),
             (self.n_critic >= 1, "n-critic", "an integer ≥ 1"),
+            (self.diversity >= 0, "diversity", "a number ≥ 0 (0 = no mode-seeking term)"),
             (self.noise_multiplicity >= 1, "noise-multiplicity", "an integer ≥ 1"),
             (self.sampler_steps >= 1, "sampler-steps", "an integer ≥ 1"),
             (0 < self.fraction <= 1, "fraction", "a number in (0, 1]"),
@@ -109,7 +113,7 @@ class RunConfig:
         """Every family's knobs; ``models.build_generator`` passes each family the ones it takes."""
         return dict(num_classes=self.num_classes, channels=self.channels, resolution=self.resolution,
                     latent_dim=self.latent_dim, width=self.width, coarse=self.coarse, n_critic=self.n_critic,
-                    noise_multiplicity=self.noise_multiplicity, sampler_steps=self.sampler_steps)
+                    diversity=self.diversity, noise_multiplicity=self.noise_multiplicity, sampler_steps=self.sampler_steps)
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

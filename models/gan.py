@@ -81,7 +81,7 @@ class ConditionalGAN(Generator):
     default_lr = (2e-3, 2e-4)
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28, noise_dim: int = 32,
-                 g_width: int = 16, d_width: int = 16, n_critic: int = 1, coarse: int = 2, diversity: float = 0.0):
+                 g_width: int = 16, d_width: int = 16, n_critic: int = 1, coarse: int = 2, diversity: float = 1.0):
         super().__init__(num_classes, channels, resolution)
         if resolution % 4:
             raise ValueError(f"gan: resolution must be a multiple of 4, got {resolution}")

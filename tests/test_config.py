@@ -30,6 +30,7 @@ def test_pyproject_flower_defaults_are_the_run_config_defaults():
     ("delta", 1.5, "delta must be a number in (0, 1)"),
     ("sample_rate", 0.0, "sample-rate must be a number in (0, 1]"),
     ("accountant", "gdp", "accountant must be prv or rdp"),
+    ("diversity", -0.5, "diversity must be a number ≥ 0"),
 ])
 def test_bad_values_are_named(field, value, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
@@ -46,3 +47,14 @@ def test_fractional_integers_are_rejected_not_truncated():
     with pytest.raises(ValueError, match=r"rounds must be int, got 2.7"):
         RunConfig.from_flower({"rounds": 2.7})
     assert RunConfig.from_flower({"rounds": 3.0}).rounds == 3
+
+
+def test_the_gan_diversity_flag_reaches_the_model_every_site_builds():
+    from fedsynth.cli import build_parser
+    from models import build_generator
+    args = build_parser().parse_args(["simulate", "--model", "gan", "--diversity", "0.25"])
+    assert args.diversity == 0.25
+    run = RunConfig(model="gan", diversity=args.diversity)
+    assert RunConfig.from_flower(run.to_flower()).diversity == 0.25  # what the server sends each round
+    assert build_generator("gan", **run.model_kwargs()).diversity == 0.25
+    assert build_generator("gan", **RunConfig(model="gan").model_kwargs()).diversity == RunConfig().diversity
