@@ -73,7 +73,7 @@ class SiteClient(NumPyClient):
                              lr=cosine_lr(run.lr, run.lr_final, (rnd - 1) * plan["steps_per_round"],
                                           plan["rounds"] * plan["steps_per_round"]),
                              seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
-                             accountant=plan["accountant"])
+                             accountant=plan["accountant"], device=site.config.device)
             weights, history, steps = list(model.shared_weights().values()), result.history, result.steps
             names = names_sha256(model.shared_weights())
         failure = None

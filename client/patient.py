@@ -24,7 +24,7 @@ from models import Generator
 from privacy.grad_samplers import PerSampleGradModule
 
 from .data import ImageDataset
-from .trainer import TrainResult
+from .trainer import TrainResult, on_device
 
 
 class PatientDPOptimizer(DPOptimizer):
@@ -92,12 +92,19 @@ def count_patients(data: ImageDataset) -> int:
 
 def train_private_patients(model: Generator, data: ImageDataset, *, sigma: float, clip: float,
                            sample_rate: float, steps: int, lr: float | Callable[[int], float], seed: int,
-                           accountant: str = "prv") -> TrainResult:
+                           accountant: str = "prv", device: str = "cpu") -> TrainResult:
     """``client.trainer.train_private`` with the patient as the unit: same steps, σ, C, q and accountant."""
     lr_at = lr if callable(lr) else (lambda _: lr)
     torch.manual_seed(seed)
     sampler = PatientSampler(data.patient_ids, sample_rate, torch.Generator().manual_seed(seed))
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    with on_device(model, device) as dev:
+        return _train_patients(model, sampler, images, labels, dev, sigma=sigma, clip=clip,
+                               sample_rate=sample_rate, steps=steps, lr_at=lr_at, accountant=accountant)
+
+
+def _train_patients(model, sampler, images, labels, dev, *, sigma, clip, sample_rate, steps, lr_at,
+                    accountant) -> TrainResult:
     module = model.private_module()
     private = PerSampleGradModule(module, batch_first=True, loss_reduction="mean")
     optimizer = PatientDPOptimizer(model.optimizer(module.parameters(), lr_at(0)), noise_multiplier=sigma,
@@ -115,9 +122,10 @@ def train_private_patients(model: Generator, data: ImageDataset, *, sigma: float
                 break
             for group in groups:
                 group["lr"] = lr_at(done)
-            optimizer.set_patients(torch.from_numpy(index), count)
+            optimizer.set_patients(torch.from_numpy(index).to(dev), count)
             t = torch.from_numpy(idx)
-            losses.append(model.train_step(private, optimizer, images[t], labels[t], public=public)["loss"])
+            losses.append(model.train_step(private, optimizer, images[t].to(dev), labels[t].to(dev),
+                                           public=public)["loss"])
             done += 1
     finally:
         private.to_standard_module()

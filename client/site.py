@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsynth.config import RunConfig
+from fedsynth.config import RunConfig, resolve_device
 from privacy.accountant import BudgetExhausted, calibrate_sigma, epsilon, steps_per_round
 from privacy.class_means import default_clip, noise_multiplier
 from privacy.ledger import MECHANISM, RELEASED, Ledger, LedgerError
@@ -52,13 +52,14 @@ class SiteConfig:
     key_path: Path | None = None  # the ledger's signing key; default site.key beside the ledger
     canaries: Path | None = None  # simulation with --audit-canaries: this run's canary file (simulations/canaries.py)
     slice_axis: str = "axial"  # node config slice-axis: how NIfTI volumes are sliced (client/nifti.py)
+    device: str = "auto"  # node config device (auto | cpu | cuda[:N]): this hospital's hardware; default the run's
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], run: RunConfig) -> "SiteConfig":
         """Deployment: keys ``site-name``, ``data-path`` (``client/data.py`` load_dataset: .npz, manifest .csv or
         folder), ``slice-axis`` (NIfTI only), ``ledger-path``, ``ledger-key``, the policy keys of
         ``privacy.policy`` (``max-epsilon``, ``max-delta``, ``min-sigma``, ``max-clip``, ``max-rounds``,
-        ``allowed-models``) and/or ``policy-file`` (JSON with the same keys).
+        ``allowed-models``) and/or ``policy-file`` (JSON with the same keys), ``device`` (default: the run's).
 
         Simulation: Flower gives only ``partition-id``; the simulated hospital ``site-K`` lives in
         ``STATE_DIR/site-K/`` (its data file written by the runner, its ledger, keys and optional
@@ -88,7 +89,9 @@ class SiteConfig:
                 if not canaries.is_file():
                     raise ValueError(f"{canaries}: missing; audit-canaries={run.audit_canaries} needs the canaries "
                                      "that `fedsynth simulate --audit-canaries` plants before the run")
-        return cls(name, data, ledger, policy, key, canaries, str(node_config.get("slice-axis", "axial")))
+        device = str(node_config.get("device", run.device))
+        resolve_device(device, "node config")  # a GPU this node does not have: refused before anything is read
+        return cls(name, data, ledger, policy, key, canaries, str(node_config.get("slice-axis", "axial")), device)
 
 
 class Site:

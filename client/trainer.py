@@ -6,6 +6,7 @@ Built from Opacus' parts directly (GradSampleModule, DPOptimizer, DPDataLoader, 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +17,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
+from fedsynth.config import resolve_device
 from models import Generator
 from privacy.grad_samplers import PerSampleGradModule
 
@@ -42,10 +44,23 @@ def dp_parts(model: Generator, *, sigma: float, clip: float, sample_rate: float,
     return private, optimizer, acc
 
 
+@contextmanager
+def on_device(model: Generator, device: str):
+    """The model on ``device`` (auto | cpu | cuda[:N]) while it trains, back on the CPU afterwards, where the
+    weights are shared, hashed and checked. The sampling, the accountant and every random draw stay on the
+    CPU (see ``Generator.randn``): what is accounted does not depend on the device."""
+    target = resolve_device(device, "site")
+    model.to(target)
+    try:
+        yield torch.device(target)
+    finally:
+        model.to("cpu")
+
+
 def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: float, sample_rate: float,
                   steps: int, lr: float | Callable[[int], float], seed: int,
-                  accountant: str = "prv") -> TrainResult:
-    """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place.
+                  accountant: str = "prv", device: str = "cpu") -> TrainResult:
+    """Run exactly ``steps`` DP-SGD steps on ``model.private_module()`` in place (on ``device``).
 
     ``lr`` may be a schedule of the local step index (see ``cosine_lr``); it drives the DP optimizer and the
     model's public optimizer (parameters that never see real images, e.g. a GAN's generator) alike.
@@ -55,8 +70,14 @@ def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: f
     dataset = TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels))
     loader = DPDataLoader(dataset, sample_rate=sample_rate,
                           generator=torch.Generator().manual_seed(seed))
+    with on_device(model, device) as dev:
+        return _train(model, loader, len(data), dev, sigma=sigma, clip=clip, sample_rate=sample_rate,
+                      steps=steps, lr_at=lr_at, accountant=accountant)
+
+
+def _train(model, loader, n, dev, *, sigma, clip, sample_rate, steps, lr_at, accountant) -> TrainResult:
     private, optimizer, acc = dp_parts(model, sigma=sigma, clip=clip, sample_rate=sample_rate, lr=lr_at(0),
-                                       expected_batch_size=max(1, round(sample_rate * len(data))),
+                                       expected_batch_size=max(1, round(sample_rate * n)),
                                        accountant=accountant)
     public = model.public_optimizer(lr_at(0))
     groups = optimizer.param_groups + (public.param_groups if public is not None else [])
@@ -67,7 +88,7 @@ def train_private(model: Generator, data: ImageDataset, *, sigma: float, clip: f
             for x, y in loader:
                 for group in groups:
                     group["lr"] = lr_at(done)
-                losses.append(model.train_step(private, optimizer, x, y, public=public)["loss"])
+                losses.append(model.train_step(private, optimizer, x.to(dev), y.to(dev), public=public)["loss"])
                 done += 1
                 if done == steps:
                     break

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ", ".join(f"{k} {c.default_lr[0]:g}→{c.default_lr[1]:g}" for k, c in sorted(FAMILIES.items())) + ")")
     s.add_argument("--n-critic", type=int, default=D.n_critic,
                    help="gan: discriminator (DP) steps per generator step")
+    s.add_argument("--device", default=D.device,
+                   help="where the sites train: auto (a GPU when torch sees one) | cpu | cuda | cuda:N; a "
+                        "hospital's node config key device overrides it")
     s.add_argument("--diversity", type=float, default=D.diversity,
                    help="gan: weight of the mode-seeking term in the generator step (no real image, no ε); 0 = off")
     s.add_argument("--noise-multiplicity", type=int, default=D.noise_multiplicity,
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Run-config flags `fedsynth server` shares with `simulate` (same actions, so help and defaults stay in step).
 SERVER_RUN_FLAGS = ("model", "rounds", "epsilon", "delta", "clip", "sample_rate", "local_epochs", "class_mean_share",
-                    "lr", "n_critic", "diversity",
+                    "lr", "n_critic", "diversity", "device",
                     "noise_multiplicity", "sampler_steps", "coarse", "secure", "secagg_deltas", "fraction", "round_timeout", "max_update_norm",
                     "out", "run_id", "seed")
 
@@ -232,7 +235,7 @@ def cmd_simulate(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites, epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity, device=args.device,
                     noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps,
                     partition=args.partition, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     data_path=args.data, state_dir=args.state_dir,
@@ -323,7 +326,7 @@ def cmd_server(args) -> int:
     run = RunConfig(run_id=args.run_id or time.strftime("run-%Y%m%d-%H%M%S"), model=args.model, rounds=args.rounds,
                     sites=args.sites or len(hospitals), epsilon=args.epsilon, delta=args.delta, clip=args.clip,
                     sample_rate=args.sample_rate, local_epochs=args.local_epochs, **_lr(args),
-                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity,
+                    class_mean_share=args.class_mean_share, n_critic=args.n_critic, diversity=args.diversity, device=args.device,
                     noise_multiplicity=args.noise_multiplicity, coarse=args.coarse, sampler_steps=args.sampler_steps, secure=args.secure, secagg_deltas=args.secagg_deltas,
                     fraction=args.fraction, round_timeout=args.round_timeout, max_update_norm=args.max_update_norm,
                     out_dir=args.out, seed=args.seed)

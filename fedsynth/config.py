@@ -14,6 +14,28 @@ from typing import Any
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "simulations" / "data" / "pneumoniamnist.npz"
 
 
+def _device_name_ok(name: str) -> bool:
+    head, _, index = str(name).partition(":")
+    return (name in ("auto", "cpu", "cuda")) or (head == "cuda" and index.isdigit())
+
+
+def resolve_device(name: str, source: str = "run config") -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; an explicit GPU that is not there is an error
+    (a site silently training on the CPU would be 10-100× slower than its operator planned for)."""
+    import torch
+    if not _device_name_ok(name):
+        raise ValueError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ValueError(f"{source}: device is {name!r}, but torch {torch.__version__} sees "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); "
+                             "use device auto or cpu")
+    return name
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run_id: str = "run"
@@ -48,6 +70,9 @@ class RunConfig:
     diversity: float = 1.0
     noise_multiplicity: int = 4  # diffusion: noise draws per image per DP step (together one privacy unit)
     sampler_steps: int = 10  # diffusion: DDIM steps per sample
+    # Where each site trains: auto (a GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N. A hospital's
+    # own node config key ``device`` overrides it; the DP mechanism and its accounting are the same on any.
+    device: str = "auto"
     # Federation.
     secure: bool = True
     partition: str = "dirichlet:1.0"
@@ -90,6 +115,7 @@ class RunConfig:
             (self.diversity >= 0, "diversity", "a number ≥ 0 (0 = no mode-seeking term)"),
             (self.noise_multiplicity >= 1, "noise-multiplicity", "an integer ≥ 1"),
             (self.sampler_steps >= 1, "sampler-steps", "an integer ≥ 1"),
+            (_device_name_ok(self.device), "device", "auto, cpu, cuda or cuda:N"),
             (0 < self.fraction <= 1, "fraction", "a number in (0, 1]"),
             (0 <= self.dropout < 1, "dropout", "a probability in [0, 1)"),
             (0 <= self.straggler < 1, "straggler", "a probability in [0, 1)"),

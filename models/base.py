@@ -96,9 +96,21 @@ class Generator(nn.Module, ABC):
             state[name] = torch.as_tensor(np.asarray(arr, dtype=np.float32))
         self.load_state_dict(state)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # Every random draw is made on the CPU and then moved: a seed gives the same noise, labels and timesteps on
+    # a GPU as on the CPU (only float rounding differs), and a CPU torch.Generator works on either device.
+    def randn(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(self.device)
+
+    def rand(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(self.device)
+
     def uniform_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # Uniform, never the site's own label histogram: that histogram is private data.
-        return torch.randint(0, self.num_classes, (n,), generator=generator)
+        return torch.randint(0, self.num_classes, (n,), generator=generator).to(self.device)
 
 
 def logits(means: torch.Tensor, eps: float = 0.01) -> torch.Tensor:

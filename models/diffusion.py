@@ -47,7 +47,7 @@ def alpha_bar(t: torch.Tensor) -> torch.Tensor:
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     angles = 1000 * t[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], 1)
 
@@ -150,10 +150,10 @@ class ConditionalDiffusion(Generator):
     def corrupt(self, x, y, k: int) -> tuple[torch.Tensor, ...]:
         """K noisy copies per image, image-major (rows i·K … i·K+K-1 are image i): (x_t, t, labels, ε)."""
         x0 = self.clean(x, k)
-        t = torch.rand(len(x0))
+        t = self.rand(len(x0))
         labels = y.long().repeat_interleave(k, 0)
-        labels = torch.where(torch.rand(len(x0)) < self.p_uncond, self.num_classes, labels)
-        noise = torch.randn_like(x0)
+        labels = torch.where(self.rand(len(x0)) < self.p_uncond, self.num_classes, labels)
+        noise = self.randn(*x0.shape)
         a = alpha_bar(t)[:, None, None, None]
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, labels, noise
 
@@ -207,11 +207,12 @@ class ConditionalDiffusion(Generator):
     def sample(self, n, labels=None, generator=None, steps: int | None = None):
         """DDIM with classifier-free guidance from pure noise at t = 1: deterministic at ``eta`` = 0, with
         fresh noise at every step (DDPM-like ancestral sampling at ``eta`` = 1) otherwise."""
-        labels = self.uniform_labels(n, generator) if labels is None else labels.long()
+        labels = self.uniform_labels(n, generator) if labels is None else labels.long().to(self.device)
         steps, side = steps or self.sampler_steps, self.resolution // self.coarse
-        x = torch.randn(n, self.channels, side, side, generator=generator)
+        x = self.randn(n, self.channels, side, side, generator=generator)
         # drawn up front for the whole batch, so that the chunking below does not change the images
-        fresh = torch.randn(steps, *x.shape, generator=generator) if self.eta > 0 else torch.zeros(steps, n, 1, 1, 1)
+        fresh = (self.randn(steps, *x.shape, generator=generator) if self.eta > 0
+                 else x.new_zeros(steps, n, 1, 1, 1))
         # in chunks: small activations stay in cache (≈2x faster on CPU); same images for any chunk size
         out = torch.cat([self._ddim(xc, yc, steps, zc) for xc, yc, zc in
                          zip(x.split(128), labels.split(128), fresh.split(128, dim=1))])
@@ -222,14 +223,14 @@ class ConditionalDiffusion(Generator):
     def _ddim(self, x, labels, steps: int, fresh: torch.Tensor):
         n, net, g = len(x), self.ema, self.guidance
         both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        ts = torch.linspace(1, 0, steps + 1)
+        ts = torch.linspace(1, 0, steps + 1, device=x.device)
         for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             if g == 1:
                 out = net(x, t.expand(n), labels)
             else:
                 cond, uncond = net(x.repeat(2, 1, 1, 1), t.expand(2 * n), both).chunk(2)
                 out = uncond + g * (cond - uncond)
-            a, a_next = alpha_bar(t), alpha_bar(t_next) if t_next > 0 else torch.tensor(1.0)
+            a, a_next = alpha_bar(t), alpha_bar(t_next) if t_next > 0 else t.new_tensor(1.0)
             x0 = (self.x0_of(out, x, t) if self.prediction == "x0" else (x - (1 - a).sqrt() * out) / a.sqrt()).clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clamped x0
             # Song et al.'s σ_t(η): the share of the step's noise that is drawn afresh instead of carried

@@ -111,7 +111,7 @@ class ConditionalGAN(Generator):
 
     def fake(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.uniform_labels(n, generator)
-        return self.generator(torch.randn(n, self.noise_dim, generator=generator), labels), labels
+        return self.generator(self.randn(n, self.noise_dim, generator=generator), labels), labels
 
     def d_step(self, private, optimizer, x, y) -> float:
         """One DP step of D: real and fake pass through the wrapped D; one backward, one optimizer step."""
@@ -135,7 +135,7 @@ class ConditionalGAN(Generator):
         with per_sample_grads_off(private, optimizer):
             # same draws, in the same order, as ``fake(n)`` when the term is off
             labels = self.uniform_labels(max(1, n // 2)).repeat(2) if self.diversity else self.uniform_labels(n)
-            z = torch.randn(len(labels), self.noise_dim)
+            z = self.randn(len(labels), self.noise_dim)
             fake = self.generator(z, labels)
             loss = F.softplus(-private(fake, labels)).mean()
             if self.diversity:
@@ -165,8 +165,8 @@ class ConditionalGAN(Generator):
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None):
-        labels = self.uniform_labels(n, generator) if labels is None else labels.long()
-        z = torch.randn(n, self.noise_dim, generator=generator)
+        labels = self.uniform_labels(n, generator) if labels is None else labels.long().to(self.device)
+        z = self.randn(n, self.noise_dim, generator=generator)
         # in chunks: small activations stay in cache (3x faster on CPU); same images for any chunk size
         out = torch.cat([self.generator(zc, yc) for zc, yc in zip(z.split(256), labels.split(256))])
         if self.coarse > 1:

@@ -66,7 +66,7 @@ class ConditionalVAE(Generator):
         h = torch.cat([self.encoder(x), self._onehot(y)], 1)
         mu, logvar = self.to_posterior(h).chunk(2, dim=1)
         logvar = logvar.clamp(-10, 10)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = mu + self.randn(*mu.shape) * (0.5 * logvar).exp()
         logits = self.decode_logits(z, y)
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
@@ -91,6 +91,6 @@ class ConditionalVAE(Generator):
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None):
-        labels = self.uniform_labels(n, generator) if labels is None else labels
-        z = torch.randn(n, self.latent_dim, generator=generator)
+        labels = self.uniform_labels(n, generator) if labels is None else labels.to(self.device)
+        z = self.randn(n, self.latent_dim, generator=generator)
         return torch.sigmoid(self.decode_logits(z, labels))

@@ -1,12 +1,13 @@
 """Benchmark: private vs non-private training step time per family, and sampling throughput.
 
-``python -m simulations.bench_step_time [--batch 376] [--reps 20] [--threads 1]`` trains two copies of each
+``python -m simulations.bench_step_time [--batch 376] [--reps 20] [--threads 1] [--device auto]`` trains two copies of each
 family side by side in one process on the same real batch of the bundled data (376 ≈ the demo's expected
 batch: q = 0.3 of a 1,255-image site): one through the site's DP parts (Opacus GradSampleModule +
 DPOptimizer, σ = 1, C = 1, accountant attached, exactly as ``client.trainer``), one through the same
 ``train_step`` with a plain module and optimizer. Steps alternate between the two and the medians are
 compared. Then the released model's sampling throughput (images/s; for diffusion ms/image at its default
-DDIM steps). One thread by default: what a simulated site gets.
+DDIM steps). One thread by default: what a simulated site gets. ``--device auto`` runs on a GPU where torch
+sees one (the same code path as a site's ``device``), else on the CPU.
 """
 from __future__ import annotations
 
@@ -21,21 +22,24 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.data import load_dataset
 from client.trainer import dp_parts
-from fedsynth.config import DEFAULT_DATA, RunConfig
+from fedsynth.config import DEFAULT_DATA, RunConfig, resolve_device
 from models import FAMILIES, build_generator
 
 TARGETS = {"vae": 1.5, "gan": 3.0, "diffusion": 2.0}  # private / non-private step time
 
 
 def _timed(fn) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
 def step_times(family: str, x, y, reps: int) -> dict[str, float]:
     torch.manual_seed(0)
-    base = build_generator(family, **RunConfig(model=family).model_kwargs())
+    base = build_generator(family, **RunConfig(model=family).model_kwargs()).to(x.device)
     lr = FAMILIES[family].default_lr[0]
     dp_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
     private, dp_opt, acc = dp_parts(dp_model, sigma=1.0, clip=1.0, sample_rate=0.3, expected_batch_size=len(x),
@@ -75,9 +79,9 @@ def stock_opacus(base, x, y, lr):
     return model, private, optimizer
 
 
-def sampling(family: str, n: int) -> float:
+def sampling(family: str, n: int, device: str) -> float:
     torch.manual_seed(0)
-    model = build_generator(family, **RunConfig(model=family).model_kwargs()).eval()
+    model = build_generator(family, **RunConfig(model=family).model_kwargs()).to(device).eval()
     g = torch.Generator().manual_seed(0)
     model.sample(min(n, 64), generator=g)  # warm-up
     return min(_timed(lambda: model.sample(n, generator=g)) for _ in range(3))
@@ -89,11 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device, "--device")
     data = load_dataset(DEFAULT_DATA, "train")
-    x, y = torch.from_numpy(data.images[:args.batch]), torch.from_numpy(data.labels[:args.batch])
-    print(f"batch {args.batch} real images (bundled PneumoniaMNIST), {args.threads} thread(s), "
+    x, y = (torch.from_numpy(data.images[:args.batch]).to(device),
+            torch.from_numpy(data.labels[:args.batch]).to(device))
+    print(f"batch {args.batch} real images (bundled PneumoniaMNIST), {device}, {args.threads} thread(s), "
           f"median of {args.reps} steps, torch {torch.__version__}")
     for fam in args.families:
         model = build_generator(fam, **RunConfig(model=fam).model_kwargs())
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
     for fam in args.families:
         n = 200 if fam == "diffusion" else 5000
-        s = sampling(fam, n)
+        s = sampling(fam, n, device)
         extra = f", {getattr(build_generator(fam), 'sampler_steps', '')} DDIM steps" if fam == "diffusion" else ""
         print(f"{fam:<10} sampling {n / s:9,.0f} img/s  ({s / n * 1e3:.3f} ms/img{extra})", flush=True)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from client.data import ImageDataset, load_dataset, save_npz
-from fedsynth.config import RunConfig
+from fedsynth.config import RunConfig, resolve_device
 from models import build_generator
 from models.classifier import SmallCNN, train_classifier
 from server.checkpoint import load_weights, save_weights, write_json
@@ -91,7 +91,7 @@ def simulate(run: RunConfig, class_names: list[str] | None = None, *, resume: bo
     try:
         run_simulation(
             server_app=make_server_app(run, names, resume), client_app=client_app, num_supernodes=run.sites,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpu_share(run)},
                             "init_args": {"include_dashboard": False, "num_cpus": max(1, os.cpu_count() or 1),
                                           "_temp_dir": ray_tmp, "logging_level": logging.ERROR,
                                           "log_to_driver": False}})
@@ -125,6 +125,14 @@ def write_release_report(run: RunConfig) -> None:
     summary = run.run_dir / "summary.txt"
     text = summary.read_text() + "\nrelease report (report.html, report.json):\n" + "".join(f"  {x}\n" for x in lines)
     atomic_write_bytes(summary, text.encode())
+
+
+def gpu_share(run: RunConfig) -> float:
+    """Ray's GPU share per simulated site: 0 on the CPU; on a GPU, the sites that run at once (one per CPU core,
+    as ``num_cpus`` = 1 allows) split it, so Ray neither hides the GPU from them nor queues them behind one."""
+    if resolve_device(run.device) == "cpu":
+        return 0.0
+    return 1.0 / max(1, min(run.sites, os.cpu_count() or 1))
 
 
 def partition_table_header(run: RunConfig) -> str:
