@@ -188,6 +188,8 @@ def _add_deployment_parsers(sub, simulate: argparse.ArgumentParser) -> None:
     cl.add_argument("--max-clip", type=float, default=None, help="policy: largest clipping norm C")
     cl.add_argument("--max-rounds", type=int, default=None, help="policy: most rounds per run")
     cl.add_argument("--allowed-models", default=None, help="policy: comma-separated model families")
+    cl.add_argument("--device", default=None, help="where this hospital trains: auto | cpu | cuda | cuda:N "
+                                                    "(default: the run's, auto); a GPU it lacks is refused")
     cl.add_argument("--resolution", type=int, default=D.resolution, help="image size the dry run resizes to")
     cl.add_argument("--dry-run", action="store_true", help="only check and print; contact no one")
     cl.add_argument("--superlink", default=None, metavar="HOST:PORT", help="the coordinator's SuperLink")
@@ -352,7 +354,8 @@ def cmd_client(args) -> int:
     hospital = Hospital(data=Path(args.data), site_name=args.site_name,
                         ledger=Path(args.ledger) if args.ledger else None,
                         ledger_key=Path(args.ledger_key) if args.ledger_key else None,
-                        policy=policy, policy_file=Path(args.policy_file) if args.policy_file else None)
+                        policy=policy, policy_file=Path(args.policy_file) if args.policy_file else None,
+                        device=args.device)
     if not args.dry_run:  # check what the SuperNode needs before the (slower) data check
         missing = [f for f, v in (("--superlink", args.superlink), ("--ca", args.ca), ("--node-key", args.node_key))
                    if not v]

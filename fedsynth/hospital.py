@@ -19,7 +19,7 @@ import tomli_w
 from cryptography import x509
 
 from .certs import CertError, load_cert, load_node_private
-from .config import RunConfig
+from .config import RunConfig, resolve_device
 from .files import atomic_write
 from .processes import child_env, exit_on_sigterm, flower_tool, start_group, stop_group
 
@@ -32,6 +32,7 @@ class Hospital:
     ledger_key: Path | None = None    # default: site.key beside the ledger
     policy: dict[str, Any] | None = None  # policy keys (max-epsilon, ...) given on the command line
     policy_file: Path | None = None
+    device: str | None = None         # where this hospital trains (auto | cpu | cuda[:N]); default: the run's
 
     def node_config(self) -> dict[str, Any]:
         """The SuperNode's node config: what ``client.site.SiteConfig.from_node_config`` reads."""
@@ -42,6 +43,8 @@ class Hospital:
             config["ledger-key"] = str(Path(self.ledger_key).resolve())
         if self.policy_file:
             config["policy-file"] = str(Path(self.policy_file).resolve())
+        if self.device:
+            config["device"] = self.device
         config.update({k: v for k, v in (self.policy or {}).items() if v is not None})
         return config
 
@@ -93,6 +96,7 @@ def dry_run(hospital: Hospital, resolution: int = RunConfig.resolution) -> str:
         f"  ledger      {site.ledger.path}: {len(entries)} entries, verifies; "
         f"{len(site.ledger.charges())} rounds charged over {len(runs)} runs",
         f"  spent       ε = {spent:.3f} at δ = {ledger_delta:g} ({default.accountant.upper()})",
+        f"  device      {resolve_device(config.device, 'node config')} (device {config.device})",
     ]
     if policy.max_epsilon is not None:
         left = policy.max_epsilon - spent

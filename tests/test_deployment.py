@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from client.data import load_dataset, save_npz
 from fedsynth.certs import make_certs
@@ -258,6 +259,10 @@ def test_client_dry_run_reports_the_budget_left_and_refuses_what_it_cannot_meet(
     out = capsys.readouterr().out
     assert f"ε = {spent:.3f} at δ = 1e-05" in out and f"budget left ε = {8 - spent:.3f} of max-epsilon = 8" in out
     assert "600 training images" in out
+    assert ("  device      cuda (device auto)" if torch.cuda.is_available() else "  device      cpu (device auto)") in out
+    # A GPU this hospital does not have: refused in the dry run, not in round 1.
+    assert main(base + ["--device", f"cuda:{torch.cuda.device_count()}"]) == 2
+    assert "node config: device is 'cuda:" in capsys.readouterr().err
     # A budget already spent, an unknown model family: an error naming the rule, exit 2.
     assert main(base + ["--max-epsilon", f"{spent / 2:g}"]) == 2
     assert "max-epsilon" in capsys.readouterr().err
