@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from opacus.accountants import IAccountant, create_accountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 from fedsynth.config import resolve_device
 from models import Generator
-from privacy.grad_samplers import PerSampleGradModule
+from privacy.grad_samplers import FactoredDPOptimizer, FactoredRowsModule, PerSampleGradModule
 
 from .data import ImageDataset
 
@@ -32,12 +31,14 @@ class TrainResult:
 
 
 def dp_parts(model: Generator, *, sigma: float, clip: float, sample_rate: float, expected_batch_size: int,
-             lr: float, accountant: str = "prv") -> tuple[PerSampleGradModule, DPOptimizer, IAccountant]:
+             lr: float, accountant: str = "prv") -> tuple[PerSampleGradModule, FactoredDPOptimizer, IAccountant]:
     """Opacus' pieces around ``model.private_module()``: the wrapped module, its DP optimizer (the model's
-    base optimizer inside), and an accountant charged by every step of that optimizer (at rate ``q``)."""
+    base optimizer inside), and an accountant charged by every step of that optimizer (at rate ``q``).
+    Linear weights' rows stay factored unless the model regroups rows itself (``Generator.regroups_rows``)."""
     module = model.private_module()
-    private = PerSampleGradModule(module, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma, max_grad_norm=clip,
+    wrapper = PerSampleGradModule if model.regroups_rows else FactoredRowsModule
+    private = wrapper(module, batch_first=True, loss_reduction="mean")
+    optimizer = FactoredDPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma, max_grad_norm=clip,
                             expected_batch_size=expected_batch_size, loss_reduction="mean")
     acc = create_accountant(mechanism=accountant)
     optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))

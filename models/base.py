@@ -31,6 +31,9 @@ class Generator(nn.Module, ABC):
 
     family: ClassVar[str]
     default_lr: ClassVar[tuple[float, float]] = (2e-2, 5e-4)  # (lr, lr-final) the CLI uses without --lr
+    # True when ``train_step`` reads or regroups the per-sample rows (``p.grad_sample``) itself before the
+    # optimizer step: the trainer must then build every row (no factored Linear rows, privacy/grad_samplers.py).
+    regroups_rows: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, channels: int, resolution: int):
         super().__init__()

@@ -117,6 +117,7 @@ def average_copies(module: nn.Module, copies: int) -> None:
 class ConditionalDiffusion(Generator):
     family = "diffusion"
     default_lr = (2e-3, 1e-4)
+    regroups_rows = True  # average_copies
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28, unet_width: int = 8,
                  noise_multiplicity: int = 4, sampler_steps: int = 10, guidance: float = 3.0,

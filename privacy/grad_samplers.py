@@ -1,4 +1,5 @@
-"""Per-sample gradients as Opacus computes them, with a faster Conv2d rule: ``PerSampleGradModule``.
+"""Per-sample gradients as Opacus computes them, with a faster Conv2d rule (``PerSampleGradModule``), and
+Linear rows that are clipped and summed without being built (``FactoredRowsModule`` + ``FactoredDPOptimizer``).
 
 Opacus' Conv2d rule unfolds each input (im2col: a copy kh·kw times the activations) and contracts it with
 the output gradients in one batched matmul. On a CPU that copy is most of DP-SGD's overhead for small conv
@@ -15,10 +16,15 @@ tests/test_grad_samplers.py checks the rows against Opacus' own rule. Layers thi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 
@@ -79,3 +85,95 @@ class PerSampleGradModule(GradSampleModule):
 
     GRAD_SAMPLERS = {layer: handed_over(fn) for layer, fn in
                      {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}.items()}
+
+
+# Linear layers, rows kept as factors. For a Linear layer on [n, in] inputs a with output gradients b ([n, out]),
+# image i's weight gradient is the outer product b_i a_iᵀ. Opacus builds all n of them ([n, out, in]: for the
+# VAE's 786-input layer the largest tensor of the step, a third of DP-SGD's extra time) only to take their norms
+# and then their clipped sum. Neither needs them (Goodfellow 2015): over the K passes that reached the layer
+# in one backward (K = 2 for the GAN's D(real) + D(fake)), ‖Σ_k b_ki a_kiᵀ‖² = Σ_k,l (b_ki·b_li)(a_ki·a_li), and
+# Σ_i c_i Σ_k b_ki a_kiᵀ = Σ_k (c ⊙ b_k)ᵀ a_k. Same norms, same clip factors, same sum up to float rounding,
+# so what is noised and accounted does not change (tests/test_grad_samplers.py, against Opacus).
+FACTORS = "_row_factors"
+
+
+def _materialize(weight: nn.Parameter) -> None:
+    """Turn the factors kept so far into real rows (a pass that can't be factored joins them)."""
+    factors = weight.__dict__.pop(FACTORS)
+    weight._current_grad_sample = sum(torch.bmm(b.unsqueeze(2), a.unsqueeze(1)) for b, a in factors)
+
+
+def _bias_rows(layer: nn.Linear, activations, backprops):
+    return {layer.bias: backprops} if layer.bias is not None and layer.bias.requires_grad else {}
+
+
+def linear_factors(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor):
+    a, w, n = activations[0].to(backprops.dtype), layer.weight, backprops.shape[0]
+    if hasattr(w, FACTORS) and not hasattr(w, "_current_grad_sample"):
+        raise RuntimeError("factored per-sample rows of an earlier backward are still held: call the "
+                           "FactoredDPOptimizer's zero_grad before the next backward (virtual steps are not supported)")
+    if not (w.requires_grad and a.dim() == 2 and n > 0 and n == getattr(layer, "max_batch_len", -1)
+            and (hasattr(w, FACTORS) or not hasattr(w, "_current_grad_sample"))):
+        if hasattr(w, FACTORS):
+            _materialize(w)
+        return handed_over(compute_linear_grad_sample)(layer, activations, backprops)
+    w.__dict__.setdefault(FACTORS, []).append((backprops, a))
+    if not hasattr(w, "_current_grad_sample"):
+        # What Opacus stores as the rows: a NaN placeholder of the right shape and no memory. Only
+        # FactoredDPOptimizer knows the factors; anything else that reads these rows gets NaN, not a silent 0.
+        w._current_grad_sample = torch.full((), math.nan, dtype=a.dtype, device=a.device).expand(n, *w.shape)
+    return handed_over(_bias_rows)(layer, activations, backprops)
+
+
+def per_sample_rows(p: nn.Parameter) -> torch.Tensor:
+    """``p``'s per-sample gradient rows as a real tensor, built from its factors if it has them (for
+    inspection: the optimizer never needs them). Like Opacus' ``grad_sample`` they last until ``zero_grad``."""
+    if hasattr(p, FACTORS):
+        return sum(torch.bmm(b.unsqueeze(2), a.unsqueeze(1)) for b, a in p.__dict__[FACTORS])
+    return p.grad_sample
+
+
+def factored_norms(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-sample Frobenius norms of Σ_k b_k a_kᵀ, from the factors."""
+    sq = sum((bk * bl).sum(1) * (ak * al).sum(1) for bk, ak in factors for bl, al in factors)
+    return sq.clamp(min=0).sqrt()
+
+
+class FactoredRowsModule(PerSampleGradModule):
+    """``PerSampleGradModule`` whose Linear weights keep their rows as factors (see above). Use it only with
+    ``FactoredDPOptimizer``, and not where a model reads or regroups ``p.grad_sample`` itself (the diffusion
+    model's mean over K copies, patient-level sums): those rows are NaN placeholders here."""
+
+    GRAD_SAMPLERS = {**PerSampleGradModule.GRAD_SAMPLERS, nn.Linear: linear_factors}
+
+
+class FactoredDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer; weights with factored rows get their norms and clipped sum from the factors.
+    Everything else — clip factors, the noise, scaling, the accountant's step hook — is Opacus' own code."""
+
+    def clip_and_accumulate(self):
+        if not any(hasattr(p, FACTORS) for p in self.params):
+            return super().clip_and_accumulate()
+        rows = self.grad_samples
+        for p, g in zip(self.params, rows):
+            if hasattr(p, FACTORS) and not isinstance(p.grad_sample, torch.Tensor):
+                raise RuntimeError("FactoredDPOptimizer: rows accumulated over several batches (virtual steps) "
+                                   "are not supported; step after every batch")
+        norms = [factored_norms(p.__dict__[FACTORS]) if hasattr(p, FACTORS) else g.reshape(len(g), -1).norm(2, dim=-1)
+                 for p, g in zip(self.params, rows)]
+        per_sample_norms = torch.stack(norms, dim=1).norm(2, dim=1)
+        clip = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)  # Opacus' formula
+        for p, g in zip(self.params, rows):
+            _check_processed_flag(p.grad_sample)
+            c = clip.to(p.dtype)
+            if hasattr(p, FACTORS):
+                grad = sum((c[:, None] * b.to(p.dtype)).T @ a.to(p.dtype) for b, a in p.__dict__[FACTORS])
+            else:
+                grad = torch.einsum("i,i...", c, g.to(p.dtype))
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none)
+        for p in self.params:
+            p.__dict__.pop(FACTORS, None)

@@ -16,6 +16,7 @@ from client.data import load_dataset
 from client.trainer import dp_parts
 from fedsynth.config import DEFAULT_DATA
 from models import build_generator
+from privacy.grad_samplers import FACTORS, per_sample_rows
 from server.checkpoint import load_weights
 
 SIGMA, Q = 1.1, 0.1
@@ -63,6 +64,7 @@ def test_d_step_is_one_accountant_step_and_g_step_leaves_no_dp_state(batch, dive
     for p in d_params(model):
         assert getattr(p, "grad_sample", None) is None, "stale per-sample gradients left in D"
         assert p.grad is None and getattr(p, "summed_grad", None) is None
+        assert not hasattr(p, FACTORS), "stale factored per-sample rows left in D"
     assert all(torch.equal(a, b) for a, b in zip(d_before, snapshot(model.discriminator))), "G step moved D"
     assert any(not torch.equal(a, b) for a, b in zip(g_before, snapshot(model.generator))), "G did not move"
     assert private.hooks_enabled
@@ -135,7 +137,7 @@ def test_per_sample_row_i_is_real_image_i_plus_fake_i(batch):
         D.zero_grad()
         (F.softplus(-D(x[i:i + 1], y[i:i + 1])) + F.softplus(D(fake[i:i + 1], fake_y[i:i + 1]))).sum().backward()
         for (name, p), q in zip(model.discriminator.named_parameters(), D.parameters()):
-            torch.testing.assert_close(p.grad_sample[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(per_sample_rows(p)[i], q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_one_image_moves_the_discriminator_by_at_most_c(batch):

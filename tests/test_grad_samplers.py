@@ -73,3 +73,81 @@ def test_rows_handed_over_equal_opacus_rows_also_when_two_passes_accumulate(redu
         theirs, their_grad = rows[GradSampleModule][name]
         torch.testing.assert_close(ours, theirs, msg=name)
         torch.testing.assert_close(grad, their_grad, msg=name)
+
+
+def _dp_step(module_cls, optimizer_cls, net, passes, clip, sigma, seed=3):
+    """One DP-SGD step (SGD, lr 1) of a copy of ``net``: its noised, clipped gradients, rows, net, optimizer."""
+    net = copy.deepcopy(net)
+    module = module_cls(net, batch_first=True, loss_reduction="mean")
+    opt = optimizer_cls(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+                        expected_batch_size=len(passes[0]), loss_reduction="mean")
+    opt.zero_grad()
+    sum(module(x).pow(2).sum(1).mean() * (k + 1) for k, x in enumerate(passes)).backward()
+    rows = {n: p.grad_sample for n, p in net.named_parameters()}
+    torch.manual_seed(seed)  # the same noise draws for both optimizers
+    assert opt.pre_step()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}, rows, net, opt
+
+
+@pytest.mark.parametrize("passes", [1, 2])  # 2: D(real) and D(fake) before one backward, as the GAN's D step
+@pytest.mark.parametrize("clip,sigma", [(1e3, 0.0), (0.05, 0.0), (0.05, 1.0)])
+def test_factored_linear_rows_give_opacus_step(passes, clip, sigma):
+    """Norms and clipped sum from the factors: the same noised gradient as Opacus' GradSampleModule +
+    DPOptimizer, clipping inactive (large C), active (small C), and with noise."""
+    from opacus.optimizers import DPOptimizer
+
+    from privacy.grad_samplers import FACTORS, FactoredDPOptimizer, FactoredRowsModule, per_sample_rows
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 12), nn.SiLU(), nn.Linear(12, 3))
+    xs = [torch.randn(9, 40) for _ in range(passes)]
+    ours, our_rows, our_net, our_opt = _dp_step(FactoredRowsModule, FactoredDPOptimizer, net, xs, clip, sigma)
+    theirs, their_rows, _, _ = _dp_step(GradSampleModule, DPOptimizer, net, xs, clip, sigma)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the factored path was the one taken: the weights' stored rows are the NaN placeholder, the biases real
+    assert torch.isnan(our_rows["0.weight"]).all() and our_rows["0.weight"].shape == their_rows["0.weight"].shape
+    torch.testing.assert_close(our_rows["0.bias"], their_rows["0.bias"])
+    torch.testing.assert_close(per_sample_rows(dict(our_net.named_parameters())["0.weight"]), their_rows["0.weight"])
+    assert all(hasattr(p, FACTORS) for p in (our_net[0].weight, our_net[2].weight))
+    our_opt.zero_grad()  # like Opacus' grad_sample, the factors last until zero_grad
+    assert not any(hasattr(p, FACTORS) for p in our_net.parameters())
+    if clip < 1:  # the test really clips: some sample's norm exceeds C
+        norms = torch.stack([g.reshape(9, -1).norm(dim=1) for g in their_rows.values()], 1).norm(dim=1)
+        assert (norms > clip).any()
+
+
+def test_factored_module_falls_back_to_real_rows_on_sequence_inputs():
+    """A Linear layer on [n, T, in] inputs: b_i a_iᵀ summed over T is no single outer product, so real rows."""
+    from privacy.grad_samplers import FactoredRowsModule
+    torch.manual_seed(0)
+    net = nn.Linear(6, 4)
+    x = torch.randn(5, 7, 6)
+    rows = {}
+    for wrapper in (FactoredRowsModule, GradSampleModule):
+        module = wrapper(copy.deepcopy(net), batch_first=True, loss_reduction="mean")
+        module(x).pow(2).mean().backward()
+        rows[wrapper] = {n: p.grad_sample for n, p in module.named_parameters()}
+    for name, gs in rows[FactoredRowsModule].items():
+        torch.testing.assert_close(gs, rows[GradSampleModule][name], msg=name)
+
+
+def test_a_second_backward_without_a_step_is_refused():
+    from privacy.grad_samplers import FactoredRowsModule
+    net = nn.Linear(6, 2)
+    module = FactoredRowsModule(net, batch_first=True, loss_reduction="mean")
+    module(torch.randn(4, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="still held"):
+        module(torch.randn(4, 6)).sum().backward()
+
+
+def test_models_that_regroup_rows_get_real_rows():
+    """The diffusion model averages its K copies' rows itself: its trainer must not hand it placeholders."""
+    from client.trainer import dp_parts
+    from models import build_generator
+    from privacy.grad_samplers import FactoredRowsModule
+    kinds = {}
+    for family in ("vae", "gan", "diffusion"):
+        model = build_generator(family)
+        private, _, _ = dp_parts(model, sigma=1.0, clip=1.0, sample_rate=0.1, expected_batch_size=8, lr=1e-3)
+        kinds[family] = isinstance(private, FactoredRowsModule)
+    assert kinds == {"vae": True, "gan": True, "diffusion": False}
