@@ -1,8 +1,8 @@
 """Class-conditional DDPM/DDIM with a small UNet, trained privately with noise multiplicity (DPDM).
 
 Privacy: each real image gets K noise draws per step (``noise_multiplicity``). Stock Opacus would count the
-K copies as K samples (sensitivity K·C); after backward, ``average_copies`` replaces every per-sample
-gradient by its mean over the image's K copies, so the DP optimizer clips, sums and noises B rows — one per
+K copies as K samples (sensitivity K·C); after backward, ``rows_per_image`` replaces every per-sample
+gradient by its mean over the image's K copies (the Conv2d rule builds that mean directly, ``copies_per_row``), so the DP optimizer clips, sums and noises B rows — one per
 image, sensitivity C — and its accountant is charged once per step. Scaling: the wrapped module is called
 with "mean" reduction over B·K rows, so Opacus' rows are per-copy gradients of the per-copy loss; their mean
 over K is the gradient of the image's mean loss, and the DP optimizer divides the clipped sum by the
@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from privacy.grad_samplers import copies_per_row, rows_per_image
 
 from .base import Generator
 
@@ -106,18 +108,10 @@ class UNet(nn.Module):
         return out + self.class_image(y).view(-1, *self.shape)
 
 
-def average_copies(module: nn.Module, copies: int) -> None:
-    """Per-sample gradients of B·K copies -> B per-image rows (mean over each image's K copies)."""
-    for p in module.parameters():
-        gs = getattr(p, "grad_sample", None)
-        if gs is not None:
-            p.grad_sample = gs.view(-1, copies, *gs.shape[1:]).mean(1)
-
-
 class ConditionalDiffusion(Generator):
     family = "diffusion"
     default_lr = (2e-3, 1e-4)
-    regroups_rows = True  # average_copies
+    regroups_rows = True  # rows_per_image
 
     def __init__(self, num_classes: int = 2, channels: int = 1, resolution: int = 28, unet_width: int = 8,
                  noise_multiplicity: int = 4, sampler_steps: int = 10, guidance: float = 3.0,
@@ -162,9 +156,10 @@ class ConditionalDiffusion(Generator):
         optimizer.zero_grad(set_to_none=True)
         xt, t, labels, noise = self.corrupt(x, y, self.k)
         target = self.clean(x, self.k) if self.prediction == "x0" else noise
-        loss = (self.x0_of(private(xt, t, labels), xt, t) - target).pow(2).mean()  # "mean" over B·K rows
-        loss.backward()
-        average_copies(private, self.k)  # before the step: one clipped row per image
+        with copies_per_row(private, self.k):
+            loss = (self.x0_of(private(xt, t, labels), xt, t) - target).pow(2).mean()  # "mean" over B·K rows
+            loss.backward()
+        rows_per_image(private, self.k, len(x))  # before the step: one clipped row per image
         optimizer.step()
         with torch.no_grad():  # post-processing of the DP step
             for e, p in zip(self.ema.parameters(), self.net.parameters()):

@@ -17,6 +17,7 @@ tests/test_grad_samplers.py checks the rows against Opacus' own rule. Layers thi
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -37,28 +38,78 @@ def _shifted_matmul_applies(layer: nn.Conv2d, n: int) -> bool:
 
 def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
                        backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus' rows for a Conv2d layer; inside ``copies_per_row(module, K)`` (rows i·K … i·K+K−1 are K copies
+    of one image) one row per image, the mean of its copies' rows, built without the K·B rows."""
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     if not _shifted_matmul_applies(layer, n):
         return compute_conv_grad_sample(layer, activations, backprops)
+    k = getattr(layer, UNIT_COPIES, 1)
+    k = k if n % k == 0 else 1
+    b = n // k
     c_in, c_out = x.shape[1], backprops.shape[1]
     (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
     h_out, w_out = backprops.shape[2:]
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        # one extra zero row at the bottom keeps the last offset's slice inside the buffer
-        flat = F.pad(x, (pw, pw, ph, ph + 1)).reshape(n, c_in, -1)
+        # One extra zero row at the bottom keeps the last offset's slice inside the buffer. With K copies, the
+        # copies' padded inputs lie end to end (per channel) and g sits on the same grid with zeros in every
+        # column and row it lacks, so one slice per offset spans all K copies: each window's extra positions
+        # (the next copy's pixels) meet zeros of g, and the matmul sums the K copies' products directly.
         w_pad = x.shape[3] + 2 * pw
-        g = F.pad(backprops, (0, w_pad - w_out)).reshape(n, c_out, h_out * w_pad)
-        dw = x.new_empty(n, c_out, c_in, kh, kw)
+        if k == 1:
+            flat = F.pad(x, (pw, pw, ph, ph + 1)).reshape(n, c_in, -1)
+            length = h_out * w_pad
+            g = F.pad(backprops, (0, w_pad - w_out)).reshape(n, c_out, length)
+        else:
+            rows = x.shape[2] + 2 * ph + 1
+            length = k * rows * w_pad
+            flat = x.new_zeros(b, c_in, length + kh * w_pad)  # the tail: the last copy's windows stay inside
+            flat[..., :length].view(b, c_in, k, rows, w_pad)[..., ph:ph + x.shape[2], pw:pw + x.shape[3]] = (
+                x.view(b, k, c_in, *x.shape[2:]).transpose(1, 2))
+            g = F.pad(backprops, (0, w_pad - w_out, 0, rows - h_out)).view(b, k, c_out, rows * w_pad)
+            g = g.transpose(1, 2).reshape(b, c_out, length)
+        dw = x.new_empty(b, c_out, c_in, kh, kw)
         for i in range(kh):
             for j in range(kw):
                 start = i * w_pad + j
-                dw[..., i, j] = torch.bmm(g, flat[..., start:start + h_out * w_pad].transpose(1, 2))
-        out[layer.weight] = dw
+                dw[..., i, j] = torch.bmm(g, flat[..., start:start + length].transpose(1, 2))
+        out[layer.weight] = dw if k == 1 else dw.div_(k)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
+        bias = backprops.sum(dim=(2, 3))
+        out[layer.bias] = bias if k == 1 else bias.view(b, k, c_out).mean(1)
     return out
+
+
+UNIT_COPIES = "unit_copies"
+
+
+@contextmanager
+def copies_per_row(module: nn.Module, k: int):
+    """Inside: the shifted-matmul Conv2d rule returns one row per K consecutive batch rows (their mean);
+    other layers still give one row per batch row, which ``rows_per_image`` then averages the same way."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        setattr(m, UNIT_COPIES, k)
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.__dict__.pop(UNIT_COPIES, None)
+
+
+def rows_per_image(module: nn.Module, copies: int, images: int) -> None:
+    """Per-sample rows of ``images`` · ``copies`` batch rows -> ``images`` rows (the mean of each image's
+    copies); rows that already are per image (``copies_per_row``) are left as they are."""
+    if copies == 1:
+        return
+    for p in module.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None or gs.shape[0] == images:
+            continue
+        if gs.shape[0] != images * copies:
+            raise RuntimeError(f"per-sample rows: {gs.shape[0]} rows, expected {images} or {images * copies}")
+        p.grad_sample = gs.view(images, copies, *gs.shape[1:]).mean(1)
 
 
 def handed_over(sampler):
@@ -71,10 +122,14 @@ def handed_over(sampler):
         inputs = {t.untyped_storage().data_ptr() for t in (*activations, backprops) if isinstance(t, torch.Tensor)}
         for param, gs in list(out.items()):
             if (param.requires_grad and not hasattr(param, "_current_grad_sample")
-                    and gs.shape[0] == getattr(layer, "max_batch_len", -1)
+                    and gs.shape[0] * getattr(layer, UNIT_COPIES, 1) == getattr(layer, "max_batch_len", -1)
                     and gs.untyped_storage().data_ptr() not in inputs):  # a view of autograd's tensors: copy
                 param._current_grad_sample = gs
                 del out[param]  # Opacus' create_or_accumulate_grad_sample skips it; promote works as before
+            elif gs.shape[0] != getattr(layer, "max_batch_len", -1) and gs.shape[0] * getattr(layer, UNIT_COPIES, 1) \
+                    == getattr(layer, "max_batch_len", -1):
+                # one row per image can't join Opacus' buffer of one row per batch row
+                raise RuntimeError("copies_per_row: per-image rows need a single forward pass per backward")
         return out
     return rows
 

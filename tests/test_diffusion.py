@@ -15,7 +15,7 @@ from client.data import ImageDataset, load_dataset
 from client.trainer import dp_parts, train_private
 from fedsynth.config import DEFAULT_DATA
 from models import build_generator
-from models.diffusion import average_copies
+from privacy.grad_samplers import PerSampleGradModule, copies_per_row, rows_per_image
 from opacus import GradSampleModule
 
 K = 4
@@ -68,16 +68,23 @@ def test_control_without_averaging_one_image_would_count_k_times(data):
     assert grad_norm(model.net) > 1.5 * C_SMALL
 
 
-def test_rows_are_each_images_mean_gradient_over_its_copies(data):
-    """Row i after averaging == the plain gradient of image i's mean loss over its own K copies."""
+@pytest.mark.parametrize("per_image_convs", [False, True])
+def test_rows_are_each_images_mean_gradient_over_its_copies(data, per_image_convs):
+    """Row i after averaging == the plain gradient of image i's mean loss over its own K copies: from Opacus'
+    rows, and from fedsynth's Conv2d rule building each image's mean row directly (``copies_per_row``)."""
     torch.manual_seed(0)
     model = build_generator("diffusion", noise_multiplicity=K, unet_width=8).train()
     plain = copy.deepcopy(model.net)
-    private = GradSampleModule(model.net, batch_first=True, loss_reduction="mean")
+    wrapper = PerSampleGradModule if per_image_convs else GradSampleModule
+    private = wrapper(model.net, batch_first=True, loss_reduction="mean")
     x, y = torch.from_numpy(data.images[:3]), torch.from_numpy(data.labels[:3])
     xt, t, labels, noise = model.corrupt(x, y, K)
-    (private(xt, t, labels) - noise).pow(2).mean().backward()
-    average_copies(private, K)
+    with copies_per_row(private, K if per_image_convs else 1):
+        (private(xt, t, labels) - noise).pow(2).mean().backward()
+    if per_image_convs:  # the Conv2d rule really built per-image rows (before rows_per_image)
+        convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.grad_sample.shape[0] == 3]
+        assert len(convs) >= 3
+    rows_per_image(private, K, 3)
     for i in range(3):
         rows = slice(i * K, (i + 1) * K)
         plain.zero_grad()

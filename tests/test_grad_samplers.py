@@ -151,3 +151,24 @@ def test_models_that_regroup_rows_get_real_rows():
         private, _, _ = dp_parts(model, sigma=1.0, clip=1.0, sample_rate=0.1, expected_batch_size=8, lr=1e-3)
         kinds[family] = isinstance(private, FactoredRowsModule)
     assert kinds == {"vae": True, "gan": True, "diffusion": False}
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 5), padding=(1, 2)),
+                                  dict(kernel_size=3, padding=0, bias=False), dict(kernel_size=1, padding=1)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_per_image_conv_rows_are_the_mean_of_opacus_rows_over_copies(conv, k):
+    """Inside ``copies_per_row(module, K)``: row i = mean of Opacus' rows i·K … i·K+K−1, odd sizes too."""
+    from privacy.grad_samplers import copies_per_row, rows_per_image
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(36, 6, **conv), nn.SiLU(), nn.Conv2d(6, 2, 3, padding=1))
+    x = torch.randn(4 * k, 36, 9, 11)
+    module = PerSampleGradModule(copy.deepcopy(net), batch_first=True, loss_reduction="mean")
+    with copies_per_row(module, k):
+        module(x).pow(2).mean().backward()
+    assert module._module[0].weight.grad_sample.shape[0] == 4  # built per image, not per copy
+    rows_per_image(module, k, 4)  # the thin second layer used Opacus' rule: averaged here
+    theirs = per_sample_grads(GradSampleModule, net, x)
+    for name, p in module.named_parameters():
+        expected = theirs[name].view(4, k, *theirs[name].shape[1:]).mean(1)
+        torch.testing.assert_close(p.grad_sample, expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(hasattr(m, "unit_copies") for m in module._module.modules())  # the mark is gone
