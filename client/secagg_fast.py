@@ -1,26 +1,24 @@
-"""Flower's ``secaggplus_mod`` with a faster, smaller 'collect masked vectors' stage (same protocol, same bits).
+"""Flower's ``secaggplus_mod`` with a faster, smaller, safer 'collect masked vectors' stage (same protocol).
 
 What Flower 1.42 does in that stage (``flwr.client.mod.secure_aggregation.secaggplus_mod._collect_masked_vectors``):
 decrypt the key shares, scale the update by the weight, clip and stochastically round it to integers
 (``quantize``), prepend the weight factor, add the private mask and one pairwise mask per neighbour (numpy
-``RandomState(seed32).randint(0, mod_range - 1, shape, dtype=int64)`` per array), reduce mod ``mod_range``,
-and send every array as **int64** — 8 bytes per parameter, twice a float32 model — after ~10 passes of int64
-arithmetic over each array, and the rounding step does a boolean-mask scatter (``ret[mask] -= 1``).
+MT19937 seeded with a 32-bit fold of each seed, ``randint(0, mod_range - 1, shape, dtype=int64)`` per array),
+reduce mod ``mod_range``, and send every array as **int64** — 8 bytes per parameter, twice a float32 model —
+after ~10 passes of int64 arithmetic over each array, and the rounding step does a boolean-mask scatter.
 
-What this does instead, when ``mod_range`` ≤ 2**32 (Flower's default is 2**32; it must be a power of two):
-the same steps on one flat **uint32** vector. uint32 arithmetic wraps mod 2**32, a multiple of ``mod_range``, so
-after the final ``& (mod_range - 1)`` every value equals Flower's. The masks are drawn with ``dtype=uint32``:
-for a range below 2**32 numpy's legacy ``randint`` draws one 32-bit word per value (masked rejection) for both
-int64 and uint32, so the masks are the same numbers from the same seeds; the arrays are drawn back to back from
-one generator, as Flower does. The stochastic rounding draws the same ``np.random.rand`` numbers per array in
-the same order and compares them with the same float64 differences, subtracting the comparison (0/1) instead
-of scattering. The masked values go out as uint32 (4 bytes): Flower's server workflow reads the dtype from
-each array's header and its sums (uint32 wrapping, then ``& (mod_range - 1)``) and unmasking (int64 after the
-first mask subtraction) give the same aggregate. ``tests/test_secagg_fast.py`` checks it bit for bit against
-Flower's own function and end to end against Flower's server workflow.
+What this does instead (``mod_range`` must be a power of two ≤ 2**32; Flower's default is 2**32): the same
+steps on one flat **uint32** vector. uint32 arithmetic wraps mod 2**32, a multiple of ``mod_range``, so after the
+final ``& (mod_range - 1)`` every value is what Flower's arithmetic gives with the same masks. The masks come
+from ``fedsynth.secagg_masks.prg_uint32`` — ChaCha20 keyed by the whole seed, not Flower's 32-bit fold, which
+a curious server can search (see that module) — and the server's unmasking (``server/secagg_unmask.py``) draws
+the same ones. The stochastic rounding draws the same ``np.random.rand`` numbers per array in the same order
+and compares them with the same float64 differences, subtracting the comparison (0/1) instead of scattering.
+The masked values go out as uint32 (4 bytes). ``tests/test_secagg_fast.py`` checks the masked values bit for
+bit against Flower's own function run with the same mask generator, and end to end in a real simulation.
 
-Nothing about the protocol changes: same keys, key agreement, shares, threshold, masks and modulus; the server
-still sees only masked vectors. For ``mod_range`` > 2**32 (not a Flower default) this falls back to Flower.
+Nothing else about the protocol changes: same keys, key agreement, shares, threshold and modulus; the server
+still sees only masked vectors. A modulus above 2**32 (not a Flower default) is refused.
 
 With the fit config's ``secagg-deltas`` (run config ``secagg-deltas``; server/server_app.py picks a 16-bit
 modulus for it) the site masks its update minus the global model it received, refusing to send if any value
@@ -52,9 +50,7 @@ def fast_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """``secaggplus_mod``, with :func:`masked_vectors` in the 'collect masked vectors' stage."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     if (msg.metadata.message_type != MessageType.TRAIN or configs is None
-            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS
-            or int(SecAggPlusState(**ctxt.state.config_records.get(RECORD_KEY_STATE, {})).mod_range)
-            > UINT32_MODULUS):
+            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS):
         return secaggplus_mod(msg, ctxt, call_next)
     # The same bookkeeping as secaggplus_mod for this stage (state in, stage checks, fit, state out).
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)

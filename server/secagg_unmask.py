@@ -5,7 +5,8 @@ subtracts each active site's private mask and adds/subtracts each dropped site's
 (``pseudo_rand_gen``, int64), reduces mod ``mod_range``, takes the weight factor off the front, dequantizes to
 float64 (``(x · 2c/qr − c − (n−1)·c) · qr/factor``) and hands float64 to the strategy. This does the mask
 arithmetic on one flat uint32 vector (wrapping mod 2**32, a multiple of the power-of-two ``mod_range``, so the
-residues are Flower's) with the same masks (``fedsynth.secagg_masks.prg_uint32``), dequantizes with Flower's
+residues are Flower's) with the masks fedsynth's sites drew (``fedsynth.secagg_masks.prg_uint32``: ChaCha20 keyed
+by the whole seed, where Flower's generator folds it to 32 bits), dequantizes with Flower's
 own float64 formula, in Flower's order, and rounds the result to float32 once: the same numbers Flower's
 float64 aggregate gives after fedsynth's cast (tests/test_secagg_fast.py). With ``reference`` (deltas on the
 wire), the reference is added back after dequantization, in float64.

@@ -1,9 +1,11 @@
-"""client/secagg_fast.py against Flower's own SecAgg+ code: the same masked values, bit for bit, and a real
-simulation in which Flower's server workflow unmasks fedsynth's uint32 vectors to the plain FedAvg mean."""
+"""client/secagg_fast.py and server/secagg_unmask.py against Flower's own SecAgg+ code run with fedsynth's
+mask generator: the same masked values and aggregate, bit for bit; the generator itself (the whole seed
+counts, unlike Flower's 32-bit fold); and a real simulation whose secure aggregate is the plain FedAvg mean."""
 from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -34,6 +36,24 @@ from server.secagg_unmask import unmasked_average
 SHAPES = [(64, 33), (33,), (2, 3, 5, 7), (), (1,)]
 
 
+def fedsynth_prg_as_flowers(seed: bytes, num_range: int, shapes) -> list[np.ndarray]:
+    """fedsynth's mask generator in the shape of Flower's ``pseudo_rand_gen`` (int64 arrays, one per shape, drawn
+    back to back): Flower's reference arithmetic below runs with it in place of its own generator."""
+    flat = prg_uint32(seed, num_range, sum(int(np.prod(s)) for s in shapes)).astype(np.int64)
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[at:at + size].reshape(shape))
+        at += size
+    return out
+
+
+@pytest.fixture
+def flower_with_fedsynth_masks(monkeypatch):
+    # the module, not the function of the same name that flwr.client.mod.secure_aggregation re-exports
+    monkeypatch.setattr(sys.modules[_collect_masked_vectors.__module__], "pseudo_rand_gen", fedsynth_prg_as_flowers)
+
+
 def keyed_nodes(n: int, mod_range: int, max_weight: float = 1.0) -> dict[int, SecAggPlusState]:
     """n nodes through Flower's real setup and share-keys stages (real key pairs, real Shamir shares)."""
     states = {nid: SecAggPlusState() for nid in range(1, n + 1)}
@@ -60,7 +80,7 @@ def update(seed: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("mod_range,weight,max_weight", [(2 ** 32, 1, 1.0), (2 ** 24, 3, 10.0)])
-def test_masked_vectors_are_flowers_bit_for_bit(mod_range, weight, max_weight):
+def test_masked_vectors_are_flowers_bit_for_bit(mod_range, weight, max_weight, flower_with_fedsynth_masks):
     states = keyed_nodes(3, mod_range, max_weight)
     for nid, state in states.items():
         params = ndarrays_to_parameters(update(nid))
@@ -82,7 +102,7 @@ def test_masked_vectors_are_flowers_bit_for_bit(mod_range, weight, max_weight):
 
 
 @pytest.mark.parametrize("mod_range", [2 ** 32, 2 ** 24])
-def test_unmasked_average_is_flowers_unmasking_cast_to_float32(mod_range):
+def test_unmasked_average_is_flowers_unmasking_cast_to_float32(mod_range, flower_with_fedsynth_masks):
     """Sites 1 and 2 send masked vectors (Flower's own client code), site 3 drops out after the key exchange:
     the server removes 1's and 2's private masks and rebuilds 3's pairwise masks. Flower's unmask arithmetic
     (its own functions, in the order of SecAggPlusWorkflow.unmask_stage) cast to float32 must equal ours."""
@@ -100,10 +120,10 @@ def test_unmasked_average_is_flowers_unmasking_cast_to_float32(mod_range):
     # Flower 1.42's unmask_stage, step by step
     theirs = masked
     for nid in (1, 2):
-        theirs = parameters_subtraction(theirs, pseudo_rand_gen(states[nid].rd_seed, mod_range,
-                                                                [a.shape for a in theirs]))
+        theirs = parameters_subtraction(theirs, fedsynth_prg_as_flowers(states[nid].rd_seed, mod_range,
+                                                                        [a.shape for a in theirs]))
     for key, add in pairwise:
-        mask = pseudo_rand_gen(key, mod_range, [a.shape for a in theirs])
+        mask = fedsynth_prg_as_flowers(key, mod_range, [a.shape for a in theirs])
         theirs = parameters_addition(theirs, mask) if add else parameters_subtraction(theirs, mask)
     factor, recon = factor_extract(parameters_mod(theirs, mod_range))
     theirs = dequantize(recon, 8.0, 2 ** 22)
@@ -120,12 +140,28 @@ def test_unmasked_average_is_flowers_unmasking_cast_to_float32(mod_range):
     assert max(float(np.abs(m - e).max()) for m, e in zip(mine, exact)) < 16 / 2 ** 22  # one quantization step
 
 
-@pytest.mark.parametrize("mod_range", [2 ** 32, 2 ** 16, 2 ** 8])
-def test_uint32_masks_are_flowers_int64_masks(mod_range):
+def test_masks_depend_on_the_whole_seed_where_flowers_depend_on_32_bits():
+    """Two seeds with the same XOR of their 4-byte words: Flower's generator gives both the same mask (a
+    server can search its 2**32 seeds); fedsynth's gives unrelated ones, and is deterministic per seed."""
     seed = os.urandom(32)
-    theirs = pseudo_rand_gen(seed, mod_range, SHAPES)
-    mine = prg_uint32(seed, mod_range, sum(int(np.prod(s)) for s in SHAPES))
-    np.testing.assert_array_equal(np.concatenate([np.ravel(a) for a in theirs]), mine.astype(np.int64))
+    swapped = seed[4:8] + seed[:4] + seed[8:]  # same words, another order: same 32-bit fold
+    assert swapped != seed
+    np.testing.assert_array_equal(pseudo_rand_gen(seed, 2 ** 32, [(1000,)])[0],
+                                  pseudo_rand_gen(swapped, 2 ** 32, [(1000,)])[0])
+    ours, again, other = (prg_uint32(s, 2 ** 32, 1000) for s in (seed, seed, swapped))
+    np.testing.assert_array_equal(ours, again)
+    assert np.mean(ours == other) < 0.01
+
+
+@pytest.mark.parametrize("mod_range", [2 ** 32, 2 ** 16, 2 ** 8])
+def test_masks_are_uniform_residues(mod_range):
+    mask = prg_uint32(bytes(range(44)), mod_range, 200_000)  # 44 bytes: like a Fernet-encoded shared key
+    assert mask.dtype == np.uint32 and mask.flags.writeable and int(mask.max()) < mod_range
+    assert abs(float(mask.mean()) / (mod_range - 1) - 0.5) < 0.01
+    if mod_range == 2 ** 8:  # every residue, the top one included (Flower's randint never draws mod − 1)
+        assert len(np.unique(mask)) == mod_range
+    with pytest.raises(ValueError, match="power of two"):
+        prg_uint32(b"x" * 32, 3 * 2 ** 20, 4)
 
 
 def test_real_simulation_secure_aggregate_matches_plain_mean(tmp_path):
