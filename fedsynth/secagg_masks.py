@@ -4,7 +4,7 @@ Flower 1.42's ``pseudo_rand_gen(seed, num_range, shapes)`` folds the 32-byte see
 4-byte words) and seeds numpy's MT19937 with it. 2**32 seeds are a search a curious server can run: in a
 two-site federation it learns site 1's private-mask seed in the unmask stage (as the protocol intends), so
 y₁ − PRG(b₁) = x₁ ± PRG(fold(s₁₂)) leaves one 32-bit unknown, and the right guess is the one that makes the
-first few values small quantized numbers — about an hour of CPU to recover a site's exact update. fedsynth's
+first few values small quantized numbers — hours on one CPU core to recover a site's exact update. fedsynth's
 masks instead come from ChaCha20 keyed by SHA-256 of the whole seed (a 256-bit key; each seed is fresh per
 round, so the all-zero nonce is used once per key and mask), reduced mod ``num_range`` (a power of two ≤ 2**32,
 so every residue is equally likely). It is also faster than MT19937 (≈ 5 vs 7 ms per 1M values). Both ends
