@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privacy.grad_samplers import copies_per_row, rows_per_image
+from privacy.rows import copies_per_row, rows_per_image
 
 from .base import Generator
 

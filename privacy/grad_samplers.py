@@ -17,7 +17,6 @@ tests/test_grad_samplers.py checks the rows against Opacus' own rule. Layers thi
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,8 @@ from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
+
+from .rows import UNIT_COPIES
 
 
 def _shifted_matmul_applies(layer: nn.Conv2d, n: int) -> bool:
@@ -79,37 +80,6 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
         bias = backprops.sum(dim=(2, 3))
         out[layer.bias] = bias if k == 1 else bias.view(b, k, c_out).mean(1)
     return out
-
-
-UNIT_COPIES = "unit_copies"
-
-
-@contextmanager
-def copies_per_row(module: nn.Module, k: int):
-    """Inside: the shifted-matmul Conv2d rule returns one row per K consecutive batch rows (their mean);
-    other layers still give one row per batch row, which ``rows_per_image`` then averages the same way."""
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    for m in convs:
-        setattr(m, UNIT_COPIES, k)
-    try:
-        yield
-    finally:
-        for m in convs:
-            m.__dict__.pop(UNIT_COPIES, None)
-
-
-def rows_per_image(module: nn.Module, copies: int, images: int) -> None:
-    """Per-sample rows of ``images`` · ``copies`` batch rows -> ``images`` rows (the mean of each image's
-    copies); rows that already are per image (``copies_per_row``) are left as they are."""
-    if copies == 1:
-        return
-    for p in module.parameters():
-        gs = getattr(p, "grad_sample", None)
-        if gs is None or gs.shape[0] == images:
-            continue
-        if gs.shape[0] != images * copies:
-            raise RuntimeError(f"per-sample rows: {gs.shape[0]} rows, expected {images} or {images * copies}")
-        p.grad_sample = gs.view(images, copies, *gs.shape[1:]).mean(1)
 
 
 def handed_over(sampler):

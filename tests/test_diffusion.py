@@ -15,7 +15,8 @@ from client.data import ImageDataset, load_dataset
 from client.trainer import dp_parts, train_private
 from fedsynth.config import DEFAULT_DATA
 from models import build_generator
-from privacy.grad_samplers import PerSampleGradModule, copies_per_row, rows_per_image
+from privacy.grad_samplers import PerSampleGradModule
+from privacy.rows import copies_per_row, rows_per_image
 from opacus import GradSampleModule
 
 K = 4

@@ -158,7 +158,7 @@ def test_models_that_regroup_rows_get_real_rows():
 @pytest.mark.parametrize("k", [2, 3])
 def test_per_image_conv_rows_are_the_mean_of_opacus_rows_over_copies(conv, k):
     """Inside ``copies_per_row(module, K)``: row i = mean of Opacus' rows i·K … i·K+K−1, odd sizes too."""
-    from privacy.grad_samplers import copies_per_row, rows_per_image
+    from privacy.rows import copies_per_row, rows_per_image
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(36, 6, **conv), nn.SiLU(), nn.Conv2d(6, 2, 3, padding=1))
     x = torch.randn(4 * k, 36, 9, 11)

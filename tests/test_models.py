@@ -65,3 +65,13 @@ def test_an_empty_poisson_batch_is_still_one_dp_step(family):
                              public=model.public_optimizer(1e-3))
     assert acc.history == [(1.0, 0.1, 1)]
     assert any(not torch.equal(a, p) for a, p in zip(before, model.private_module().parameters()))  # noise
+
+
+def test_the_server_side_imports_leave_opacus_out():
+    """Opacus calls logging.basicConfig when imported, which hides the ServerApp's own round lines in a
+    deployment's log; the ServerApp builds models (samples, class priors), so neither may import Opacus."""
+    import subprocess
+    import sys
+    code = "import sys, server.server_app, models; print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
