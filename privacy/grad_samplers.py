@@ -90,15 +90,16 @@ def handed_over(sampler):
     def rows(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
         out = sampler(layer, activations, backprops)
         inputs = {t.untyped_storage().data_ptr() for t in (*activations, backprops) if isinstance(t, torch.Tensor)}
+        batch = getattr(layer, "max_batch_len", -1)
         for param, gs in list(out.items()):
+            # rows of K copies already averaged per image (``privacy.rows.copies_per_row``): fewer than batch
+            per_image = gs.shape[0] != batch and gs.shape[0] * getattr(layer, UNIT_COPIES, 1) == batch
             if (param.requires_grad and not hasattr(param, "_current_grad_sample")
-                    and gs.shape[0] * getattr(layer, UNIT_COPIES, 1) == getattr(layer, "max_batch_len", -1)
+                    and (gs.shape[0] == batch or per_image)
                     and gs.untyped_storage().data_ptr() not in inputs):  # a view of autograd's tensors: copy
                 param._current_grad_sample = gs
                 del out[param]  # Opacus' create_or_accumulate_grad_sample skips it; promote works as before
-            elif gs.shape[0] != getattr(layer, "max_batch_len", -1) and gs.shape[0] * getattr(layer, UNIT_COPIES, 1) \
-                    == getattr(layer, "max_batch_len", -1):
-                # one row per image can't join Opacus' buffer of one row per batch row
+            elif per_image:  # they can't join Opacus' buffer of one row per batch row
                 raise RuntimeError("copies_per_row: per-image rows need a single forward pass per backward")
         return out
     return rows
@@ -114,7 +115,7 @@ class PerSampleGradModule(GradSampleModule):
 
 # Linear layers, rows kept as factors. For a Linear layer on [n, in] inputs a with output gradients b ([n, out]),
 # image i's weight gradient is the outer product b_i a_iᵀ. Opacus builds all n of them ([n, out, in]: for the
-# VAE's 786-input layer the largest tensor of the step, a third of DP-SGD's extra time) only to take their norms
+# VAE's 786-input layer the largest tensor of the step, most of DP-SGD's extra time) only to take their norms
 # and then their clipped sum. Neither needs them (Goodfellow 2015): over the K passes that reached the layer
 # in one backward (K = 2 for the GAN's D(real) + D(fake)), ‖Σ_k b_ki a_kiᵀ‖² = Σ_k,l (b_ki·b_li)(a_ki·a_li), and
 # Σ_i c_i Σ_k b_ki a_kiᵀ = Σ_k (c ⊙ b_k)ᵀ a_k. Same norms, same clip factors, same sum up to float rounding,
