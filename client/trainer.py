@@ -38,8 +38,9 @@ def dp_parts(model: Generator, *, sigma: float, clip: float, sample_rate: float,
     module = model.private_module()
     wrapper = PerSampleGradModule if model.regroups_rows else FactoredRowsModule
     private = wrapper(module, batch_first=True, loss_reduction="mean")
-    optimizer = FactoredDPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_batch_size=expected_batch_size, loss_reduction="mean")
+    optimizer = FactoredDPOptimizer(model.optimizer(module.parameters(), lr), noise_multiplier=sigma,
+                                    max_grad_norm=clip, expected_batch_size=expected_batch_size,
+                                    loss_reduction="mean")
     acc = create_accountant(mechanism=accountant)
     optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
     return private, optimizer, acc

@@ -2,8 +2,9 @@
 
 Privacy: each real image gets K noise draws per step (``noise_multiplicity``). Stock Opacus would count the
 K copies as K samples (sensitivity K·C); after backward, ``rows_per_image`` replaces every per-sample
-gradient by its mean over the image's K copies (the Conv2d rule builds that mean directly, ``copies_per_row``), so the DP optimizer clips, sums and noises B rows — one per
-image, sensitivity C — and its accountant is charged once per step. Scaling: the wrapped module is called
+gradient by its mean over the image's K copies (the Conv2d rule builds that mean directly,
+``copies_per_row``), so the DP optimizer clips, sums and noises B rows — one per image, sensitivity C — and
+its accountant is charged once per step. Scaling: the wrapped module is called
 with "mean" reduction over B·K rows, so Opacus' rows are per-copy gradients of the per-copy loss; their mean
 over K is the gradient of the image's mean loss, and the DP optimizer divides the clipped sum by the
 expected number of *images* — the same objective as the non-private mean over B·K (tests check both).

@@ -123,14 +123,16 @@ class PerSampleGradModule(GradSampleModule):
 FACTORS = "_row_factors"
 
 
-def _materialize(weight: nn.Parameter) -> None:
-    """Turn the factors kept so far into real rows (a pass that can't be factored joins them)."""
-    factors = weight.__dict__.pop(FACTORS)
-    weight._current_grad_sample = sum(torch.bmm(b.unsqueeze(2), a.unsqueeze(1)) for b, a in factors)
+def _rows_of(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The real rows Σ_k b_k a_kᵀ, [n, out, in]."""
+    return sum(torch.bmm(b.unsqueeze(2), a.unsqueeze(1)) for b, a in factors)
 
 
 def _bias_rows(layer: nn.Linear, activations, backprops):
     return {layer.bias: backprops} if layer.bias is not None and layer.bias.requires_grad else {}
+
+
+_linear_rows, _linear_bias_rows = handed_over(compute_linear_grad_sample), handed_over(_bias_rows)
 
 
 def linear_factors(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor):
@@ -140,23 +142,21 @@ def linear_factors(layer: nn.Linear, activations: list[torch.Tensor], backprops:
                            "FactoredDPOptimizer's zero_grad before the next backward (virtual steps are not supported)")
     if not (w.requires_grad and a.dim() == 2 and n > 0 and n == getattr(layer, "max_batch_len", -1)
             and (hasattr(w, FACTORS) or not hasattr(w, "_current_grad_sample"))):
-        if hasattr(w, FACTORS):
-            _materialize(w)
-        return handed_over(compute_linear_grad_sample)(layer, activations, backprops)
+        if hasattr(w, FACTORS):  # a pass that can't be factored joins the rows kept so far: build them
+            w._current_grad_sample = _rows_of(w.__dict__.pop(FACTORS))
+        return _linear_rows(layer, activations, backprops)
     w.__dict__.setdefault(FACTORS, []).append((backprops, a))
     if not hasattr(w, "_current_grad_sample"):
         # What Opacus stores as the rows: a NaN placeholder of the right shape and no memory. Only
         # FactoredDPOptimizer knows the factors; anything else that reads these rows gets NaN, not a silent 0.
         w._current_grad_sample = torch.full((), math.nan, dtype=a.dtype, device=a.device).expand(n, *w.shape)
-    return handed_over(_bias_rows)(layer, activations, backprops)
+    return _linear_bias_rows(layer, activations, backprops)
 
 
 def per_sample_rows(p: nn.Parameter) -> torch.Tensor:
     """``p``'s per-sample gradient rows as a real tensor, built from its factors if it has them (for
     inspection: the optimizer never needs them). Like Opacus' ``grad_sample`` they last until ``zero_grad``."""
-    if hasattr(p, FACTORS):
-        return sum(torch.bmm(b.unsqueeze(2), a.unsqueeze(1)) for b, a in p.__dict__[FACTORS])
-    return p.grad_sample
+    return _rows_of(p.__dict__[FACTORS]) if hasattr(p, FACTORS) else p.grad_sample
 
 
 def factored_norms(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -180,11 +180,7 @@ class FactoredDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self):
         if not any(hasattr(p, FACTORS) for p in self.params):
             return super().clip_and_accumulate()
-        rows = self.grad_samples
-        for p, g in zip(self.params, rows):
-            if hasattr(p, FACTORS) and not isinstance(p.grad_sample, torch.Tensor):
-                raise RuntimeError("FactoredDPOptimizer: rows accumulated over several batches (virtual steps) "
-                                   "are not supported; step after every batch")
+        rows = self.grad_samples  # (rows over several batches can't occur: linear_factors refuses them)
         norms = [factored_norms(p.__dict__[FACTORS]) if hasattr(p, FACTORS) else g.reshape(len(g), -1).norm(2, dim=-1)
                  for p, g in zip(self.params, rows)]
         per_sample_norms = torch.stack(norms, dim=1).norm(2, dim=1)
