@@ -20,7 +20,7 @@ from fedsynth.layout import names_sha256
 from privacy.ledger import entry_hash, weights_sha256
 
 from .faults import DROPOUT, STRAGGLER, simulated_fault, straggler_delay
-from .outbox import load_update, outbox_path, release_path, save_update
+from .outbox import load_update, outbox_path, save_update
 from .secagg_fast import fast_secaggplus_mod
 
 # torch, Opacus and the models are imported where a message needs them, not here: Flower starts a fresh
@@ -67,9 +67,6 @@ class SiteClient(NumPyClient):
             weights, history, names, steps = self._class_means(run, site, plan)
         else:
             model = self._model(run, parameters)
-            counts = site.released_class_counts(run)  # the GAN draws its training fakes' labels in them
-            if counts is not None:
-                model.set_class_counts(counts)
             trainer = train_private_patients if plan["unit"] == "patient" else train_private  # see client/patient.py
             result = trainer(model, site.train, sigma=plan["sigma"], clip=plan["clip"],
                              sample_rate=plan["sample_rate"], steps=plan["steps_per_round"],
@@ -90,8 +87,6 @@ class SiteClient(NumPyClient):
                        f"clipping range ±{limit:g}; nothing sent")
         if failure is None:  # kept before the charge, so a restarted server can get it again (client/outbox.py)
             save_update(outbox_path(site.config.ledger_path, run.run_id, rnd), weights, input_sha256)
-            if rnd == 0:  # and the release for the whole run: later rounds read the site's own noisy counts
-                save_update(release_path(site.config.ledger_path, run.run_id), weights, input_sha256)
         # Charge before anything leaves: the weights, or just the fact that the round failed, are both
         # post-processing of these DP steps, so the site pays for them either way; the ledger says which left.
         entry = site.charge(run, rnd, plan, history, weights_sha256=weights_sha256(weights),

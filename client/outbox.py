@@ -33,12 +33,6 @@ def outbox_path(ledger_path: Path, run_id: str, server_round: int) -> Path:
     return Path(ledger_path).parent / FOLDER / f"{run_id}.round-{server_round:04d}.safetensors"
 
 
-def release_path(ledger_path: Path, run_id: str) -> Path:
-    """Where the site keeps its own round-0 class-mean release for the whole run (not only while in flight):
-    later rounds read its noisy counts back (``Site.released_class_counts``)."""
-    return Path(ledger_path).parent / FOLDER / f"{run_id}.class-means.safetensors"
-
-
 def save_update(path: Path, arrays: list[np.ndarray], input_sha256: str) -> None:
     """Write the update (in order) with the hash of the global weights it was computed from; older rounds of
     the same run are removed (only the round in flight can be asked for again)."""

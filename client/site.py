@@ -23,13 +23,13 @@ from typing import Any
 
 from fedsynth.config import RunConfig, resolve_device
 from privacy.accountant import BudgetExhausted, calibrate_sigma, epsilon, steps_per_round
-from privacy.class_means import WIRE_SCALE, default_clip, noise_multiplier
+from privacy.class_means import default_clip, noise_multiplier
 from privacy.ledger import MECHANISM, RELEASED, Ledger, LedgerError
 from privacy.policy import SitePolicy, policy_from_node_config
 from privacy.verify import describe
 
 from .data import ImageDataset, load_dataset
-from .outbox import load_update, outbox_path, release_path
+from .outbox import load_update, outbox_path
 
 log = logging.getLogger("fedsynth.client")
 POLICY_FILE = "policy.json"  # simulation: STATE_DIR/site-K/policy.json, if the hospital (or researcher) wrote one
@@ -214,20 +214,6 @@ class Site:
             return False
         kept = load_update(outbox_path(self.config.ledger_path, run.run_id, server_round))
         return kept is not None and kept[1].get("weights_sha256") == charge.get("weights_sha256")
-
-    def released_class_counts(self, run: RunConfig) -> "np.ndarray | None":
-        """This site's noisy class counts as its round-0 release of this run gave them, or None (no release, or
-        its kept copy is not the vector the ledger charged for). Reading them back is post-processing of that
-        charged release; the exact counts never leave the DP mechanism."""
-        charge = self.charge_for(run, 0)
-        if charge is None or charge.get("released") != "class-means":
-            return None
-        kept = load_update(release_path(self.config.ledger_path, run.run_id))
-        if kept is None or kept[1].get("weights_sha256") != charge.get("weights_sha256"):
-            log.warning("%s: the kept class-mean release of run %s is missing or is not the one charged; training "
-                        "fakes get uniform labels", self.config.name, run.run_id)
-            return None
-        return np.asarray(kept[0][0], dtype=np.float64)[-run.num_classes:] * WIRE_SCALE
 
     def refuse(self, run: RunConfig, server_round: int, reason: str, rule: str = "") -> None:
         try:

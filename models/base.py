@@ -69,10 +69,6 @@ class Generator(nn.Module, ABC):
         (privacy/class_means.py) — the family's class prior, where its samples of class k start from."""
         raise NotImplementedError(f"{self.family}: this family takes no class-mean prior (class-mean-share 0)")
 
-    def set_class_counts(self, counts) -> None:
-        """This site's class counts as its own class-mean release gave them (noisy, so DP: round 0), for a
-        family that draws labels for images it makes up during training. The default ignores them."""
-
     def checked_means(self, means: torch.Tensor, side: int) -> torch.Tensor:
         want = (self.num_classes, self.channels, side, side)
         if tuple(means.shape) != want:
@@ -118,16 +114,6 @@ class Generator(nn.Module, ABC):
     def uniform_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # Uniform, never the site's own label histogram: that histogram is private data.
         return torch.randint(0, self.num_classes, (n,), generator=generator).to(self.device)
-
-
-def label_frequencies(counts, num_classes: int) -> torch.Tensor:
-    """Class frequencies from noisy released counts: each count floored at 1 (a DP count can be ≤ 0 for a
-    class the site has few or none of), then normalized — post-processing of the release."""
-    c = torch.as_tensor(np.asarray(counts, dtype=np.float64), dtype=torch.float32).flatten()
-    if c.numel() != num_classes or not torch.isfinite(c).all():
-        raise ValueError(f"class counts: expected {num_classes} finite values, got {c.tolist()}")
-    c = c.clamp(min=1.0)
-    return c / c.sum()
 
 
 def logits(means: torch.Tensor, eps: float = 0.01) -> torch.Tensor:

@@ -5,15 +5,8 @@ Privacy: every call of ``train_step`` is one DP step of the discriminator D (one
 and clears D's gradients afterwards — post-processing of D, so it costs nothing and records nothing.
 In the D step, D(real) and D(fake) run as two forward passes of the wrapped D with one backward (Opacus'
 dcgan.py): real image i and fake i share per-sample row i, clipped together, so one real image still moves
-the sum by at most C. The generator step uses the DP optimizer's expected batch size, not the sampled one
-(the Poisson batch size is a private count).
-
-Fake labels are never drawn from the site's label histogram (private data outside the DP mechanism). They
-are uniform, or — after ``set_class_counts`` — drawn in the proportions of the site's own *released*, noisy
-class counts (round 0's class-mean release: post-processing of a DP output). Why that matters: a D that
-sees mostly pneumonia among the real images but half normal among the fakes learns "pneumonia-looking means
-real" from the label marginal alone, and under DP noise its class-conditional part is too weak to undo it;
-G then pushes its normal fakes towards pneumonia (BENCHMARKS.md: normal samples read as pneumonia).
+the sum by at most C. Fake labels are uniform (never the site's label histogram); the generator step uses
+the DP optimizer's expected batch size, not the sampled one (the Poisson batch size is a private count).
 
 Layers are the ones Opacus clips per sample cheaply: Conv2d, GroupNorm, Linear, Embedding; no BatchNorm, no
 spectral_norm (buffers), no ConvTranspose2d (functorch fallback): the generator upsamples, then convolves.
@@ -28,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Generator, label_frequencies, logits, per_sample_grads_off
+from .base import Generator, logits, per_sample_grads_off
 
 
 class _G(nn.Module):
@@ -100,7 +93,6 @@ class ConditionalGAN(Generator):
             raise ValueError(f"gan: diversity must be ≥ 0, got {diversity}")
         self.noise_dim, self.n_critic, self._d_steps, self.coarse = noise_dim, n_critic, 0, coarse
         self.diversity = diversity
-        self.fake_label_frequencies: torch.Tensor | None = None  # None: uniform (see the module docstring)
         self.generator = _G(num_classes, channels, resolution, noise_dim, g_width, coarse)
         self.discriminator = _D(num_classes, channels, resolution, d_width, coarse)
 
@@ -117,17 +109,8 @@ class ConditionalGAN(Generator):
         """Real images as D sees them: averaged down to the resolution G works at (resolution/coarse)."""
         return F.avg_pool2d(x, self.coarse) if self.coarse > 1 else x
 
-    def set_class_counts(self, counts) -> None:
-        self.fake_label_frequencies = label_frequencies(counts, self.num_classes)
-
-    def fake_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Labels for the fakes of a training step: uniform, or in the released class frequencies."""
-        if self.fake_label_frequencies is None:
-            return self.uniform_labels(n, generator)
-        return torch.multinomial(self.fake_label_frequencies, n, replacement=True, generator=generator).to(self.device)
-
     def fake(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = self.fake_labels(n, generator)
+        labels = self.uniform_labels(n, generator)
         return self.generator(self.randn(n, self.noise_dim, generator=generator), labels), labels
 
     def d_step(self, private, optimizer, x, y) -> float:
@@ -151,7 +134,7 @@ class ConditionalGAN(Generator):
         public.zero_grad(set_to_none=True)
         with per_sample_grads_off(private, optimizer):
             # same draws, in the same order, as ``fake(n)`` when the term is off
-            labels = self.fake_labels(max(1, n // 2)).repeat(2) if self.diversity else self.fake_labels(n)
+            labels = self.uniform_labels(max(1, n // 2)).repeat(2) if self.diversity else self.uniform_labels(n)
             z = self.randn(len(labels), self.noise_dim)
             fake = self.generator(z, labels)
             loss = F.softplus(-private(fake, labels)).mean()

@@ -43,16 +43,15 @@ SITES, PARTITION = 4, "dirichlet:0.5"
 
 
 def train_federated(family: str, eps: float, share: float, seed: int, sites, cfg: RunConfig,
-                    model_kwargs: dict | None = None, released_counts: bool = True):
+                    model_kwargs: dict | None = None):
     """The family after ``cfg.rounds`` rounds of DP-SGD at every site (after the class-mean release when
-    ``share`` > 0, each site then knowing its own released counts, as the ClientApp does, unless
-    ``released_counts`` is False); returns (model, ε per site as accounted)."""
+    ``share`` > 0); returns (model, ε per site as accounted)."""
     torch.manual_seed(seed)
     model = build_generator(family, **(cfg.model_kwargs() | (model_kwargs or {})))
     lr, lr_final = model.default_lr
     steps = steps_per_round(cfg.local_epochs, cfg.sample_rate)
     total = steps * cfg.rounds
-    prior, parts = [], []
+    prior = []
     if share > 0:
         sigma_m = noise_multiplier(share * eps, cfg.delta)
         parts = [release(s.images, s.labels, cfg.num_classes, sigma_m, cfg.coarse,
@@ -68,8 +67,6 @@ def train_federated(family: str, eps: float, share: float, seed: int, sites, cfg
         states = []
         for i, site in enumerate(sites):
             model.load_state_dict(start)
-            if parts and released_counts:
-                model.set_class_counts(parts[i].counts)
             train_private(model, site, sigma=sigma, clip=cfg.clip, sample_rate=cfg.sample_rate, steps=steps,
                           lr=cosine_lr(lr, lr_final, (rnd - 1) * steps, total), seed=seed * 1000 + rnd * 10 + i)
             states.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -89,8 +86,6 @@ def main() -> None:
                    help="diffusion: sampler stochasticity η to sample at (0: deterministic DDIM)")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model keyword arguments over the defaults (numbers), e.g. diversity=1")
-    p.add_argument("--uniform-fake-labels", action="store_true",
-                   help="gan: draw training fakes' labels uniformly, not in the site's released class counts")
     p.add_argument("--n", type=int, default=2000, help="synthetic images per evaluation")
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
@@ -105,8 +100,7 @@ def main() -> None:
     extra = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.model)}
     for share in args.class_mean_share:
         t0 = time.time()
-        model, eps, sigma = train_federated(args.family, args.epsilon, share, args.seed, sites, cfg, extra,
-                                            released_counts=not args.uniform_fake_labels)
+        model, eps, sigma = train_federated(args.family, args.epsilon, share, args.seed, sites, cfg, extra)
         if args.save:
             save_weights(args.save / f"{args.family}-eps{args.epsilon:g}-share{share:g}-seed{args.seed}.safetensors",
                          model.shared_weights())
@@ -123,7 +117,6 @@ def main() -> None:
             fid = fidelity(classifier, syn, val.images, args.seed)
             print(f"RESULT {args.family} ε={args.epsilon:g} (accounted {eps:.3f}, DP-SGD σ={sigma:.3f}) "
                   f"class-mean-share={share:g} seed={args.seed}" + "".join(f" {kv}" for kv in args.model) + ("" if math.isnan(g) else f" guidance={g:g} η={eta:g}") +
-                  (" uniform-fake-labels" if args.uniform_fake_labels else "") +
                   f": val TSTR AUC {tstr:.3f}, agreement {' / '.join(f'{a:.0%}' for a in agree)}, FID {fid['fid']:.2f}, "
                   f"precision {fid['precision']:.3f}, recall {fid['recall']:.3f} [{time.time() - t0:.0f} s]", flush=True)
 

@@ -87,7 +87,6 @@ def non_private_run(family: str, seed: int, out: Path, like: Path) -> dict:
         exact = release(x.numpy(), y.numpy(), run.num_classes, 0.0, run.coarse)
         model.set_class_means(torch.as_tensor(exact.means(), dtype=torch.float32)
                               .view(run.num_classes, run.channels, side, side))
-        model.set_class_counts(exact.counts)  # the GAN's training fakes: labelled like the pooled data
     lr_max = run.lr  # the private run's schedule, as its config.json recorded it
     lr_at = cosine_lr(run.lr, run.lr_final, 0, steps)
     module = model.private_module()

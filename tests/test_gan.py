@@ -161,39 +161,6 @@ def test_generator_step_uses_the_expected_batch_size_not_the_sampled_one(batch):
     assert seen == [len(x), 7]  # D step: paired with the real batch; G step: the expected size
 
 
-def test_training_fakes_take_the_released_class_frequencies_and_only_them(batch):
-    """Uniform fake labels by default; after ``set_class_counts`` (a site's noisy released counts, one of them
-    ≤ 0 as a DP count can be) both the D step's and the G step's fakes follow those counts' frequencies, and
-    the release's own samples stay uniform."""
-    x, y = batch
-    model, private, optimizer, acc, public = make_gan(expected_batch_size=24, diversity=1.0)
-    seen = []
-    hook = model.generator.fc.register_forward_hook(lambda m, inp, out: seen.append(inp[0][:, -2:].argmax(1)))
-
-    def labels_of_steps(n_steps):
-        seen.clear()
-        for _ in range(n_steps):
-            model.train_step(private, optimizer, x, y, public=public)
-        return torch.cat(seen)
-
-    torch.manual_seed(1)
-    assert abs(labels_of_steps(20).float().mean().item() - 0.5) < 0.08  # 960 labels, uniform: sd 0.016
-    model.set_class_counts([9.0, 81.0])
-    torch.manual_seed(1)
-    assert abs(labels_of_steps(20).float().mean().item() - 0.9) < 0.04  # sd 0.010
-    assert acc.history == [(SIGMA, Q, 40)]  # still one accountant step per D step
-    model.set_class_counts([-4.0, 81.0])  # a noisy count below 1 counts as 1: that class is still drawn
-    torch.testing.assert_close(model.fake_label_frequencies, torch.tensor([1 / 82, 81 / 82]))
-    seen.clear()
-    model.sample(2000, generator=torch.Generator().manual_seed(0))
-    hook.remove()
-    assert abs(torch.cat(seen).float().mean().item() - 0.5) < 0.05
-    with pytest.raises(ValueError, match=r"class counts: expected 2 finite values, got \[1.0, 2.0, 3.0\]"):
-        model.set_class_counts([1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="expected 2 finite values"):
-        model.set_class_counts([1.0, float("nan")])
-
-
 def test_weights_travel_as_one_prefixed_record():
     model = build_generator("gan")
     names = list(model.shared_weights())
