@@ -43,9 +43,33 @@ class _G(nn.Module):
         self.class_logits = nn.Embedding(num_classes, channels * self.shape[1] * self.shape[2])
         nn.init.zeros_(self.class_logits.weight)
 
-    def forward(self, z, y):
-        h = self.net(self.fc(torch.cat([z, F.one_hot(y, self.num_classes).float()], 1)))
+    def forward(self, z, y, fused: bool = False):
+        """``fused`` (sampling): each Upsample + Conv pair runs as ``upsample_conv``, the same function."""
+        h = self.fc(torch.cat([z, F.one_hot(y, self.num_classes).float()], 1))
+        layers = list(self.net)
+        i = 0
+        while i < len(layers):
+            if fused and isinstance(layers[i], nn.Upsample):
+                h, i = upsample_conv(h, layers[i + 1]), i + 2
+            else:
+                h, i = layers[i](h), i + 1
         return torch.sigmoid(h + self.class_logits(y).view(-1, *self.shape))
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Nearest 2× upsampling then ``conv`` (3×3, padding 1), as one 2×2 conv with 4× the output channels on x:
+    each output pixel of phase (a, b) reads a 2×2 window of x whose taps are sums of the 3×3 kernel's rows and
+    columns (a = 0: rows (w0, w1 + w2) at rows i − 1, i; a = 1: rows (w0 + w1, w2) at rows i, i + 1). The same
+    numbers with ≈ 1.7× fewer multiply-adds, and no 4× larger upsampled tensor."""
+    w = conv.weight
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+    phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else
+              torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3) for r in rows for b in (0, 1)]  # order (a, b)
+    o, (n, _, hgt, wid) = w.shape[0], x.shape
+    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(phases), None if conv.bias is None else conv.bias.repeat(4))
+    out = out.view(n, 2, 2, o, hgt + 1, wid + 1)  # phase (a, b) at window (i + a, j + b) is output (2i + a, 2j + b)
+    out = torch.stack([torch.stack([out[:, a, b, :, a:a + hgt, b:b + wid] for b in (0, 1)], -1) for a in (0, 1)], 3)
+    return out.reshape(n, o, 2 * hgt, 2 * wid)
 
 
 class _D(nn.Module):
@@ -168,7 +192,10 @@ class ConditionalGAN(Generator):
         labels = self.uniform_labels(n, generator) if labels is None else labels.long().to(self.device)
         z = self.randn(n, self.noise_dim, generator=generator)
         # in chunks: small activations stay in cache (3x faster on CPU); same images for any chunk size
-        out = torch.cat([self.generator(zc, yc) for zc, yc in zip(z.split(256), labels.split(256))])
-        if self.coarse > 1:
-            out = F.interpolate(out, scale_factor=self.coarse, mode="bilinear", align_corners=False).clamp(0, 1)
+        return torch.cat([self._draw(zc, yc) for zc, yc in zip(z.split(256), labels.split(256))])
+
+    def _draw(self, z, y):
+        out = self.generator(z, y, fused=True)
+        if self.coarse > 1:  # bilinear weights sum to 1: the clamp only catches rounding, so it works in place
+            out = F.interpolate(out, scale_factor=self.coarse, mode="bilinear", align_corners=False).clamp_(0, 1)
         return out

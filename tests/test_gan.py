@@ -178,3 +178,26 @@ def test_tiny_federation_with_secagg(run_tiny_family):
     assert sorted(weights) == sorted(initial)
     moved = {k for k in weights if np.abs(weights[k] - initial[k]).max() > 1e-6}
     assert any(k.startswith("generator.") for k in moved) and any(k.startswith("discriminator.") for k in moved)
+
+
+@pytest.mark.parametrize("c_in, c_out, h, w", [(32, 16, 7, 7), (3, 5, 4, 6), (1, 1, 1, 2)])
+def test_fused_upsample_conv_is_upsample_then_conv(c_in, c_out, h, w):
+    from models.gan import upsample_conv
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, 1, 1)
+    x = torch.randn(3, c_in, h, w)
+    torch.testing.assert_close(upsample_conv(x, conv), conv(torch.nn.Upsample(scale_factor=2)(x)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_draws_the_images_of_the_plain_generator():
+    """``sample`` runs the fused generator in chunks: the images are the unfused generator's, upsampled."""
+    torch.manual_seed(0)
+    model = build_generator("gan").eval()
+    y = torch.arange(600) % 2
+    got = model.sample(600, y, torch.Generator().manual_seed(3))
+    z = torch.randn(600, model.noise_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = F.interpolate(model.generator(z, y), scale_factor=2, mode="bilinear", align_corners=False)
+    assert got.shape == (600, 1, 28, 28) and got.min() >= 0 and got.max() <= 1
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
