@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,12 +80,26 @@ def stock_opacus(base, x, y, lr):
     return model, private, optimizer
 
 
-def sampling(family: str, n: int, device: str) -> float:
+def sampling(family: str, n: int, device: str) -> dict[str, float]:
+    """Seconds for n samples (best of 3); for the GAN also the unfused generator (Upsample, then Conv: the
+    sampler before 2026-12-04), the two timed alternately."""
     torch.manual_seed(0)
     model = build_generator(family, **RunConfig(model=family).model_kwargs()).to(device).eval()
     g = torch.Generator().manual_seed(0)
+    variants = {"sample": lambda: model.sample(n, generator=g)}
+    if family == "gan":
+        def unfused():
+            z, y = model.randn(n, model.noise_dim, generator=g), model.uniform_labels(n, g)
+            out = torch.cat([model.generator(zc, yc) for zc, yc in zip(z.split(256), y.split(256))])
+            return F.interpolate(out, scale_factor=model.coarse, mode="bilinear", align_corners=False).clamp(0, 1)
+        variants["unfused"] = unfused
     model.sample(min(n, 64), generator=g)  # warm-up
-    return min(_timed(lambda: model.sample(n, generator=g)) for _ in range(3))
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for _ in range(3):
+            for k, f in variants.items():
+                times[k].append(_timed(f))
+    return {k: min(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
     for fam in args.families:
         n = 200 if fam == "diffusion" else 5000
-        s = sampling(fam, n, device)
+        t = sampling(fam, n, device)
+        s = t["sample"]
         extra = f", {getattr(build_generator(fam), 'sampler_steps', '')} DDIM steps" if fam == "diffusion" else ""
+        if "unfused" in t:
+            extra += f"; unfused Upsample + Conv {n / t['unfused']:,.0f} img/s: fused {t['unfused'] / s:.2f}x faster"
         print(f"{fam:<10} sampling {n / s:9,.0f} img/s  ({s / n * 1e3:.3f} ms/img{extra})", flush=True)
 
 
