@@ -44,6 +44,17 @@ def run_name(family: str, share: float, eps: float, seed: int) -> str:
     return f"{family}-share{share:g}-eps{eps:g}-seed{seed}"
 
 
+def check_complete(run_dir: Path) -> None:
+    """A row is only tabulated from a run that did all it planned: every round aggregated, none lost (a run that
+    stopped early, or lost a round, spent less ε and trained less than its row would claim)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    lost = {site: rounds for site, rounds in (metrics.get("charged-not-used") or {}).items() if rounds}
+    if metrics.get("stop-reason") or lost:
+        raise RuntimeError(f"{run_dir}: the run did not complete (stop reason: {metrics.get('stop-reason')}; "
+                           f"charged but not used: {lost or 'none'}); see its summary.txt. Not tabulated: "
+                           f"remove {run_dir.parent.parent} and run the table again")
+
+
 def private_run(family: str, share: float, eps: float, seed: int, args, out: Path) -> dict:
     run_id = run_name(family, share, eps, seed)
     cmd = [sys.executable, "-m", "fedsynth.cli", "simulate", "--model", family, "--epsilon", str(eps),
@@ -52,6 +63,7 @@ def private_run(family: str, share: float, eps: float, seed: int, args, out: Pat
            "--run-id", run_id]
     report_path, wall_path = out / run_id / "runs" / run_id / "report.json", out / run_id / "wall.txt"
     if report_path.exists() and wall_path.exists():  # a finished run of an interrupted table: reuse it
+        check_complete(report_path.parent)
         print(f"  reusing {report_path}", flush=True)
         return figures(json.loads(report_path.read_text()), float(wall_path.read_text()))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
@@ -60,6 +72,7 @@ def private_run(family: str, share: float, eps: float, seed: int, args, out: Pat
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     wall_path.write_text(f"{wall:.1f}\n")
+    check_complete(report_path.parent)
     return figures(json.loads(report_path.read_text()), wall)
 
 

@@ -178,3 +178,21 @@ def test_a_run_that_never_trained_still_gets_a_report(tiny_run, tmp_path):
     assert report["fidelity"]["precision-recall"]["recall"]["value"] == 0.0  # one grey image covers nothing
     assert report["utility"]["tstr"]["balanced-accuracy"]["value"] == pytest.approx(0.5, abs=0.05)
     assert (copy / "report.html").stat().st_size > 10_000
+
+
+def test_the_release_table_refuses_a_run_that_did_not_complete(tmp_path):
+    """A run that stopped early (here: Ray killed a site's worker for memory, SecAgg+ lost the round) spent less ε
+    and trained less than its row would claim: the benchmark table must not tabulate it."""
+    from simulations.bench_release_table import check_complete
+    run_dir = tmp_path / "table" / "diffusion-seed0" / "runs" / "diffusion-seed0"
+    run_dir.mkdir(parents=True)
+    metrics = run_dir / "metrics.json"
+    metrics.write_text(json.dumps({"rounds": [], "charged-not-used": {}, "stop-reason": None}))
+    check_complete(run_dir)
+    metrics.write_text(json.dumps({"rounds": [], "charged-not-used": {"site-0": [7]},
+                                   "stop-reason": "secure aggregation needs at least 2 sites, only 1 can take part"}))
+    with pytest.raises(RuntimeError, match=r"did not complete .*only 1 can take part.*site-0.*remove .*diffusion-seed0"):
+        check_complete(run_dir)
+    metrics.write_text(json.dumps({"rounds": [], "charged-not-used": {"site-1": [3]}, "stop-reason": None}))
+    with pytest.raises(RuntimeError, match="charged but not used: {'site-1': \\[3\\]}"):
+        check_complete(run_dir)
