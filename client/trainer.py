@@ -5,6 +5,7 @@ Built from Opacus' parts directly (GradSampleModule, DPOptimizer, DPDataLoader, 
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,6 +102,19 @@ def _train(model, loader, n, dev, *, sigma, clip, sample_rate, steps, lr_at, acc
         raise RuntimeError(f"DP trainer: took {done} steps but the accountant recorded {acc.history}")
     return TrainResult(steps=done, history=[tuple(h) for h in acc.history],
                        metrics={"train_loss": float(np.mean(losses[-max(1, len(losses) // 4):]))})
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages that freed tensors left behind back to the OS (glibc's ``malloc_trim``).
+
+    Why: in the Simulation Engine a site's process lives across rounds, and glibc keeps the pages that a DP
+    step's large per-sample buffers freed. Measured on diffusion (2,534 images, q = 0.3, 3 steps per round):
+    RSS 1.33 → 2.42 GB over six rounds without it, 0.43 GB flat with it; three diffusion simulations side by
+    side ran out of memory (Ray killed a site's worker at 3.8 GB). Not glibc (macOS, musl): nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cosine_lr(lr_max: float, lr_min: float, first_step: int, total_steps: int) -> Callable[[int], float]:
