@@ -49,7 +49,7 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         from .patient import train_private_patients
         from .site import RoundRefused
-        from .trainer import cosine_lr, return_freed_memory, train_private
+        from .trainer import cosine_lr, train_private
         run, site, rnd = self._open(config)
         try:
             plan = site.check_round(run, rnd)  # before any gradient is computed
@@ -74,7 +74,6 @@ class SiteClient(NumPyClient):
                                           plan["rounds"] * plan["steps_per_round"]),
                              seed=run.seed * 100_003 + rnd * 101 + hash_name(site.config.name),
                              accountant=plan["accountant"], device=site.config.device)
-            return_freed_memory()  # this process trains again next round (trainer.py says why)
             weights, history, steps = list(model.shared_weights().values()), result.history, result.steps
             names = names_sha256(model.shared_weights())
         failure = None

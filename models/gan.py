@@ -46,13 +46,9 @@ class _G(nn.Module):
     def forward(self, z, y, fused: bool = False):
         """``fused`` (sampling): each Upsample + Conv pair runs as ``upsample_conv``, the same function."""
         h = self.fc(torch.cat([z, F.one_hot(y, self.num_classes).float()], 1))
-        layers = list(self.net)
-        i = 0
-        while i < len(layers):
-            if fused and isinstance(layers[i], nn.Upsample):
-                h, i = upsample_conv(h, layers[i + 1]), i + 2
-            else:
-                h, i = layers[i](h), i + 1
+        layers = iter(self.net)
+        for layer in layers:
+            h = upsample_conv(h, next(layers)) if fused and isinstance(layer, nn.Upsample) else layer(h)
         return torch.sigmoid(h + self.class_logits(y).view(-1, *self.shape))
 
 
